@@ -445,9 +445,9 @@ pub fn list(conn: &Connection, owner: i64, q: &ListQuery, out: &mut Vec<u8>) -> 
         let status = q.status.map(Status::as_str);
         let from_oldest = offset > total / 2;
         let tx;
-        if from_oldest {
+        if from_oldest && conn.is_autocommit() {
             // The reverse offset is computed from the count, so both must
-            // come from one snapshot.
+            // come from one snapshot (the caller's transaction, or this one).
             tx = conn.unchecked_transaction()?;
             total = count(&tx, owner, q.status)?;
         }

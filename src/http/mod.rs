@@ -78,39 +78,70 @@ impl App {
         }
 
         let mut conn = self.pool.get()?;
+        if !conn.is_autocommit() {
+            // Only a panic in a handler can leave a transaction open; never
+            // let it leak into the next request on this connection.
+            conn.execute_batch("ROLLBACK")?;
+        }
         let now = clock::now();
-        let authed = auth::authenticate(&conn, rq.header("Authorization"), now)?;
-        let touch = authed.touch_due(now);
-        if touch == Touch::Now {
-            // A token's first use is on record before its answer is.
-            if let Err(e) = tokens::touch(&conn, authed.token, now) {
-                eprintln!("comfy-runners: recording a token's first use: {e}");
+        // A read runs its statements (token, count, page) in one read
+        // transaction: one snapshot, and one acquisition of the WAL's read
+        // lock instead of one per statement.
+        let reading = matches!(method, "GET" | "HEAD");
+        if reading {
+            conn.prepare_cached("BEGIN")?.execute([])?;
+        }
+        let outcome = self.dispatch(&mut conn, rq, &path, &query, method, now);
+        if reading && conn.prepare_cached("COMMIT").and_then(|mut s| s.execute([])).is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        let (authed, mut reply) = outcome?;
+
+        match authed.touch_due(now) {
+            Touch::No => {}
+            Touch::Now => {
+                // A token's first use is on record before its answer is.
+                if let Err(e) = tokens::touch(&conn, authed.token, now) {
+                    eprintln!("comfy-runners: recording a token's first use: {e}");
+                }
+            }
+            Touch::Later => {
+                let pool = self.pool.clone();
+                let token = authed.token;
+                reply.after = Some(Box::new(move || {
+                    let done = pool.get().map_err(Error::from).and_then(|c| tokens::touch(&c, token, now));
+                    if let Err(e) = done {
+                        eprintln!("comfy-runners: recording a token's use: {e}");
+                    }
+                }));
             }
         }
-
-        let route = Route::parse(&path)?;
-        let mut reply = match (&route, method) {
-            (Route::Runners, "GET" | "HEAD") => runners::list(&conn, &authed, &query),
-            (Route::Runners, "POST") => runners::create(&conn, &authed, &rq.body()?, now),
-            (Route::Runner(id), "GET" | "HEAD") => runners::get(&conn, &authed, id),
-            (Route::Runner(id), "PUT") => runners::update(&mut conn, &authed, id, &rq.body()?, now),
-            (Route::Runner(id), "DELETE") => runners::delete(&conn, &authed, id),
-            (Route::User, "GET" | "HEAD") => user(&conn, &authed),
-            (route, _) => Err(Error::MethodNotAllowed(route.allow())),
-        }
-        .unwrap_or_else(|e| Reply::error(&e));
-
-        if touch == Touch::Later {
-            let pool = self.pool.clone();
-            let token = authed.token;
-            reply.after = Some(Box::new(move || {
-                let done = pool.get().map_err(Error::from).and_then(|c| tokens::touch(&c, token, now));
-                if let Err(e) = done {
-                    eprintln!("comfy-runners: recording a token's use: {e}");
-                }
-            }));
-        }
         Ok(reply)
+    }
+
+    /// Authentication, then the route, then the handler. The handler's errors
+    /// are turned into replies here; the ones returned are auth's and routing's.
+    fn dispatch(
+        &self,
+        conn: &mut rusqlite::Connection,
+        rq: &mut Incoming<'_>,
+        path: &str,
+        query: &str,
+        method: &str,
+        now: i64,
+    ) -> Result<(tokens::Authed, Reply)> {
+        let authed = auth::authenticate(conn, rq.header("Authorization"), now)?;
+        let route = Route::parse(path)?;
+        let reply = match (&route, method) {
+            (Route::Runners, "GET" | "HEAD") => runners::list(conn, &authed, query),
+            (Route::Runners, "POST") => rq.body().and_then(|b| runners::create(conn, &authed, &b, now)),
+            (Route::Runner(id), "GET" | "HEAD") => runners::get(conn, &authed, id),
+            (Route::Runner(id), "PUT") => rq.body().and_then(|b| runners::update(conn, &authed, id, &b, now)),
+            (Route::Runner(id), "DELETE") => runners::delete(conn, &authed, id),
+            (Route::User, "GET" | "HEAD") => user(conn, &authed),
+            (route, _) => Err(Error::MethodNotAllowed(route.allow())),
+        };
+        Ok((authed, reply.unwrap_or_else(|e| Reply::error(&e))))
     }
 
     /// `GET /healthz`: 200 when the database answers a read of the file.

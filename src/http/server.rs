@@ -72,7 +72,7 @@ pub struct Incoming<'a> {
 }
 
 impl Incoming<'_> {
-    pub fn method(&self) -> &str {
+    pub fn method(&self) -> &'static str {
         match self.rq.method() {
             tiny_http::Method::Get => "GET",
             tiny_http::Method::Head => "HEAD",
