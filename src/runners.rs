@@ -560,14 +560,25 @@ fn imported(map: &Map<String, Value>, owner: Owner<'_>, now: i64) -> Result<Runn
 /// sequence number that falls as the file goes on. That needs the count
 /// first: a quick pass over the input checks its shape and counts, and a
 /// second pass validates and inserts.
+///
+/// A user the import creates takes the `user_id` its runners carry, when they
+/// all carry the same one, so a migrated user keeps its identity too.
 pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Result<usize> {
     let mut n = 0usize;
-    for_each_runner::<IgnoredAny>(input, &mut |_, _| {
+    let mut owners = HashSet::new();
+    for_each_runner::<PeekUserId>(input, &mut |_, peek| {
         n += 1;
+        if owners.len() < 2 {
+            owners.insert(peek.0);
+        }
         Ok(())
     })?;
+    let wanted = match owners.iter().next() {
+        Some(Some(id)) if owners.len() == 1 => Some(id.as_str()),
+        _ => None,
+    };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let owner = crate::tokens::ensure_user(&tx, user)?;
+    let owner = crate::tokens::ensure_user_with_id(&tx, user, wanted)?;
     let owner = Owner { id: owner.id, uuid: &owner.uuid };
     let base: i64 = tx.query_row("SELECT coalesce(max(seq), 0) + 1 FROM runners", [], |r| r.get(0))?;
     let top = base + n as i64 - 1;
@@ -596,6 +607,56 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
     debug_assert_eq!(seen, n);
     tx.commit()?;
     Ok(n)
+}
+
+/// The `user_id` of one runner of an import, if it has a string one; reads
+/// past anything else without building it.
+struct PeekUserId(Option<String>);
+
+impl<'de> Deserialize<'de> for PeekUserId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<PeekUserId, D::Error> {
+        struct Visit;
+        impl<'de> de::Visitor<'de> for Visit {
+            type Value = PeekUserId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a runner")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<PeekUserId, A::Error> {
+                let mut found = None;
+                while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "user_id" {
+                        found = m.next_value::<Value>()?.as_str().map(str::to_string);
+                    } else {
+                        m.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(PeekUserId(found))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> std::result::Result<PeekUserId, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(PeekUserId(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<PeekUserId, E> {
+                Ok(PeekUserId(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<PeekUserId, E> {
+                Ok(PeekUserId(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<PeekUserId, E> {
+                Ok(PeekUserId(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<PeekUserId, E> {
+                Ok(PeekUserId(None))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<PeekUserId, E> {
+                Ok(PeekUserId(None))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<PeekUserId, E> {
+                Ok(PeekUserId(None))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 type Visit<'a, T> = &'a mut dyn FnMut(usize, T) -> Result<()>;

@@ -127,12 +127,26 @@ pub fn user_by_id(conn: &Connection, id: i64) -> Result<User> {
 /// The user called `name`, created if there is none. Call inside a write
 /// transaction so that two callers cannot both create it.
 pub fn ensure_user(conn: &Connection, name: &str) -> Result<User> {
+    ensure_user_with_id(conn, name, None)
+}
+
+/// As `ensure_user`; a new user gets the public id `wanted` if it is a UUID
+/// no other user has (an import keeps the `user_id` of a migrated user).
+pub fn ensure_user_with_id(conn: &Connection, name: &str, wanted: Option<&str>) -> Result<User> {
     check_user_name(name)?;
     if let Some(user) = find_user(conn, name)? {
         return Ok(user);
     }
     let now = clock::now();
-    let uuid = uuid::Uuid::new_v4().to_string();
+    let free = |id: &String| -> Result<bool> {
+        let taken: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM users WHERE uuid = ?1)", [id], |r| r.get(0))?;
+        Ok(!taken)
+    };
+    let wanted = wanted.and_then(|w| uuid::Uuid::try_parse(w).ok()).map(|u| u.to_string());
+    let uuid = match wanted {
+        Some(id) if free(&id)? => id,
+        _ => uuid::Uuid::new_v4().to_string(),
+    };
     conn.execute(
         "INSERT INTO users (uuid, name, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
         params![uuid, name, now],
