@@ -15,10 +15,19 @@ use crate::http::{self, App, Server};
 use crate::{clock, db, runners, tokens};
 
 #[derive(Debug, Parser)]
-#[command(name = "comfy-runners", version, about = "A self-hosted registry of ComfyUI runners on one SQLite file")]
+#[command(
+    name = "comfy-runners",
+    version,
+    about = "A self-hosted registry of ComfyUI runners on one SQLite file"
+)]
 struct Cli {
     /// The database file (created on first use).
-    #[arg(long, global = true, env = "COMFY_RUNNERS_DB", default_value = "comfy-runners.db")]
+    #[arg(
+        long,
+        global = true,
+        env = "COMFY_RUNNERS_DB",
+        default_value = "comfy-runners.db"
+    )]
     db: PathBuf,
 
     #[command(subcommand)]
@@ -160,11 +169,15 @@ fn serve(path: &Path, listen: &str, workers: Option<u16>) -> Result<()> {
     let workers = workers.map_or_else(default_workers, usize::from);
     // One connection per worker, and one for bookkeeping after answers.
     let pool = db::pool(path, workers as u32 + 1)?;
-    let listener = http::bind(listen).map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))?;
+    let listener = http::bind(listen)
+        .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))?;
     let server = Server::start(listener, workers, Arc::new(App::new(pool)))?;
     eprintln!("listening on http://{}", server.addr());
 
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     let stopper = server.stopper();
     let handle = signals.handle();
     let watcher = std::thread::spawn(move || {
@@ -178,14 +191,20 @@ fn serve(path: &Path, listen: &str, workers: Option<u16>) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Internal("stopped: the server could no longer accept connections".into()))
+        Err(Error::Internal(
+            "stopped: the server could no longer accept connections".into(),
+        ))
     }
 }
 
 fn token(path: &Path, command: TokenCommand) -> Result<()> {
     let mut conn = db::open(path)?;
     match command {
-        TokenCommand::Create { user, name, expires_in } => {
+        TokenCommand::Create {
+            user,
+            name,
+            expires_in,
+        } => {
             let (_, secret) = tokens::create(&mut conn, &user, &name, expires_in)?;
             println!("{}", secret.expose());
         }
@@ -193,7 +212,8 @@ fn token(path: &Path, command: TokenCommand) -> Result<()> {
             let list = tokens::list(&conn, user.as_deref())?;
             let mut out = io::stdout().lock();
             if json {
-                serde_json::to_writer_pretty(&mut out, &list).map_err(|e| Error::Internal(e.to_string()))?;
+                serde_json::to_writer_pretty(&mut out, &list)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
                 writeln!(out)?;
             } else {
                 print_table(&mut out, &list)?;
@@ -209,8 +229,23 @@ fn token(path: &Path, command: TokenCommand) -> Result<()> {
 
 fn print_table(out: &mut dyn Write, list: &[tokens::TokenInfo]) -> io::Result<()> {
     let time = |t: Option<i64>| t.map_or_else(|| "-".to_string(), clock::format);
-    let label = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
-    let mut rows = vec![["ID", "USER", "LABEL", "CREATED", "EXPIRES", "LAST USED", "REVOKED"].map(String::from)];
+    let label = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    let mut rows = vec![[
+        "ID",
+        "USER",
+        "LABEL",
+        "CREATED",
+        "EXPIRES",
+        "LAST USED",
+        "REVOKED",
+    ]
+    .map(String::from)];
     for t in list {
         rows.push([
             t.id.clone(),
@@ -274,7 +309,17 @@ mod tests {
         assert_eq!(parse_duration("12h"), Ok(12 * 3_600));
         assert_eq!(parse_duration("30m"), Ok(1_800));
         assert_eq!(parse_duration("45s"), Ok(45));
-        for bad in ["", "d", "10", "1w", "-1d", "1.5h", " 1h", "0s", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "d",
+            "10",
+            "1w",
+            "-1d",
+            "1.5h",
+            " 1h",
+            "0s",
+            "99999999999999999999d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }

@@ -171,7 +171,9 @@ mod tests {
         assert!(err.contains("newer"), "{err}");
         let c = Connection::open(&path).unwrap();
         assert_eq!(user_version(&c).unwrap(), 99);
-        let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = c
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "delete", "a refused file is not even switched to WAL");
     }
 

@@ -5,17 +5,17 @@
 
 /// The command line: `serve`, `token ...`, `runner ...`.
 pub mod cli;
+/// Time: now, and the one timestamp format of the API.
+pub mod clock;
+/// The database: the pool, per-connection settings, schema and migrations.
+pub mod db;
+/// The one error type, with its HTTP status and public message.
+pub mod error;
 /// The HTTP layer: socket, workers, routing, handlers. The only module that knows tiny_http.
 pub mod http;
 /// The runner domain: the runner object, its validation, its SQL, import and export.
 pub mod runners;
 /// Users and API tokens: minting, hashing, lookup, revocation, last-used tracking.
 pub mod tokens;
-/// The database: the pool, per-connection settings, schema and migrations.
-pub mod db;
-/// The one error type, with its HTTP status and public message.
-pub mod error;
-/// Time: now, and the one timestamp format of the API.
-pub mod clock;
 
 pub use error::Error;

@@ -65,7 +65,10 @@ impl<'de> Deserialize<'de> for Headers {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("an object of strings")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Headers, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Headers, A::Error> {
                 let mut out = Vec::new();
                 while let Some(entry) = m.next_entry::<String, String>()? {
                     out.push(entry);
@@ -117,7 +120,9 @@ pub fn body_object(body: &[u8]) -> Result<Map<String, Value>> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Error::bad_request("request body must be a JSON object")),
-        Err(e) => Err(Error::BadRequest(format!("request body is not valid JSON: {e}"))),
+        Err(e) => Err(Error::BadRequest(format!(
+            "request body is not valid JSON: {e}"
+        ))),
     }
 }
 
@@ -148,7 +153,8 @@ pub fn check_endpoint(v: &Value) -> Result<String> {
     // so it must already be a proper absolute URL.
     let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
     if !(lower.starts_with("http://") || lower.starts_with("https://"))
-        || s.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'\\')
+        || s.bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'\\')
     {
         return Err(bad());
     }
@@ -164,13 +170,17 @@ pub fn check_tags(v: &Value) -> Result<Vec<String>> {
         .as_array()
         .ok_or_else(|| Error::bad_request("tags must be an array of strings"))?;
     if list.len() > MAX_TAGS {
-        return Err(Error::BadRequest(format!("tags must have at most {MAX_TAGS} entries")));
+        return Err(Error::BadRequest(format!(
+            "tags must have at most {MAX_TAGS} entries"
+        )));
     }
     list.iter()
         .enumerate()
         .map(|(i, t)| match t.as_str() {
             Some(s) if !s.is_empty() => Ok(s.to_string()),
-            _ => Err(Error::BadRequest(format!("tags[{i}] must be a non-empty string"))),
+            _ => Err(Error::BadRequest(format!(
+                "tags[{i}] must be a non-empty string"
+            ))),
         })
         .collect()
 }
@@ -240,9 +250,18 @@ impl Draft {
         Ok(Draft {
             name: check_name(required("name")?)?,
             endpoint: check_endpoint(required("endpoint")?)?,
-            tags: given(map, "tags").map(check_tags).transpose()?.unwrap_or_default(),
-            headers: given(map, "headers").map(check_headers).transpose()?.unwrap_or_default(),
-            status: given(map, "status").map(check_status).transpose()?.unwrap_or(Status::Active),
+            tags: given(map, "tags")
+                .map(check_tags)
+                .transpose()?
+                .unwrap_or_default(),
+            headers: given(map, "headers")
+                .map(check_headers)
+                .transpose()?
+                .unwrap_or_default(),
+            status: given(map, "status")
+                .map(check_status)
+                .transpose()?
+                .unwrap_or(Status::Active),
         })
     }
 }
@@ -301,9 +320,21 @@ pub fn parse_id(s: &str) -> Result<String> {
 const INSERT: &str =
     "INSERT INTO runners (seq, id, user_id, status, created_at, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
-fn insert(conn: &Connection, seq: Option<i64>, owner: Owner<'_>, r: &Runner, doc: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(INSERT)?
-        .execute(params![seq, r.id, owner.id, r.status.as_str(), r.created_at, doc])?;
+fn insert(
+    conn: &Connection,
+    seq: Option<i64>,
+    owner: Owner<'_>,
+    r: &Runner,
+    doc: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(INSERT)?.execute(params![
+        seq,
+        r.id,
+        owner.id,
+        r.status.as_str(),
+        r.created_at,
+        doc
+    ])?;
     Ok(())
 }
 
@@ -336,7 +367,13 @@ pub fn get(conn: &Connection, owner: i64, id: &str) -> Result<String> {
 }
 
 /// Applies `patch` and sets `updated_at`; returns the new document.
-pub fn update(conn: &mut Connection, owner: i64, id: &str, patch: Patch, now: i64) -> Result<String> {
+pub fn update(
+    conn: &mut Connection,
+    owner: i64,
+    id: &str,
+    patch: Patch,
+    now: i64,
+) -> Result<String> {
     // IMMEDIATE: the read and the write must see the same row, and a deferred
     // transaction that upgrades to a writer can fail without waiting.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -380,14 +417,16 @@ pub struct ListQuery {
 
 impl ListQuery {
     /// From the raw values of the query parameters, `None` where absent.
-    pub fn from_params(page: Option<&str>, per_page: Option<&str>, status: Option<&str>) -> Result<ListQuery> {
+    pub fn from_params(
+        page: Option<&str>,
+        per_page: Option<&str>,
+        status: Option<&str>,
+    ) -> Result<ListQuery> {
         let page = match page {
             None => 1,
-            Some(s) => s
-                .parse::<i64>()
-                .ok()
-                .filter(|p| *p >= 1)
-                .ok_or_else(|| Error::bad_request("page must be an integer between 1 and 9223372036854775807"))?,
+            Some(s) => s.parse::<i64>().ok().filter(|p| *p >= 1).ok_or_else(|| {
+                Error::bad_request("page must be an integer between 1 and 9223372036854775807")
+            })?,
         };
         let per_page = match per_page {
             None => DEFAULT_PER_PAGE,
@@ -396,16 +435,23 @@ impl ListQuery {
                 .ok()
                 .filter(|n| (1..=MAX_PER_PAGE).contains(n))
                 .ok_or_else(|| {
-                    Error::BadRequest(format!("per_page must be an integer between 1 and {MAX_PER_PAGE}"))
+                    Error::BadRequest(format!(
+                        "per_page must be an integer between 1 and {MAX_PER_PAGE}"
+                    ))
                 })?,
         };
-        let status = match status {
-            None => None,
-            Some(s) => Some(
-                Status::parse(s).ok_or_else(|| Error::bad_request("status must be \"active\" or \"disabled\""))?,
-            ),
-        };
-        Ok(ListQuery { page, per_page, status })
+        let status =
+            match status {
+                None => None,
+                Some(s) => Some(Status::parse(s).ok_or_else(|| {
+                    Error::bad_request("status must be \"active\" or \"disabled\"")
+                })?),
+            };
+        Ok(ListQuery {
+            page,
+            per_page,
+            status,
+        })
     }
 }
 
@@ -511,7 +557,9 @@ pub fn export(conn: &Connection, owner: i64, w: &mut dyn Write) -> Result<i64> {
         n += 1;
     }
     if n != total {
-        return Err(Error::Internal(format!("export saw {n} runners, the count says {total}")));
+        return Err(Error::Internal(format!(
+            "export saw {n} runners, the count says {total}"
+        )));
     }
     write!(w, "\n],\"total\":{n}}}\n")?;
     Ok(n)
@@ -531,9 +579,9 @@ fn imported(map: &Map<String, Value>, owner: Owner<'_>, now: i64) -> Result<Runn
     let time = |field: &str| -> Result<Option<i64>> {
         given(map, field)
             .map(|v| {
-                v.as_str()
-                    .and_then(clock::parse)
-                    .ok_or_else(|| Error::BadRequest(format!("{field} must be an RFC 3339 timestamp")))
+                v.as_str().and_then(clock::parse).ok_or_else(|| {
+                    Error::BadRequest(format!("{field} must be an RFC 3339 timestamp"))
+                })
             })
             .transpose()
     };
@@ -579,13 +627,20 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
     };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let owner = crate::tokens::ensure_user_with_id(&tx, user, wanted)?;
-    let owner = Owner { id: owner.id, uuid: &owner.uuid };
-    let base: i64 = tx.query_row("SELECT coalesce(max(seq), 0) + 1 FROM runners", [], |r| r.get(0))?;
+    let owner = Owner {
+        id: owner.id,
+        uuid: &owner.uuid,
+    };
+    let base: i64 = tx.query_row("SELECT coalesce(max(seq), 0) + 1 FROM runners", [], |r| {
+        r.get(0)
+    })?;
     let top = base + n as i64 - 1;
     let mut seen = 0usize;
     for_each_runner::<Value>(input, &mut |i, value| {
         let at = |e: Error| match e {
-            Error::BadRequest(m) | Error::Invalid(m) => Error::Invalid(format!("runner {}: {m}", i + 1)),
+            Error::BadRequest(m) | Error::Invalid(m) => {
+                Error::Invalid(format!("runner {}: {m}", i + 1))
+            }
             other => other,
         };
         let Value::Object(map) = value else {
@@ -595,7 +650,10 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
         let doc = runner.render()?;
         match insert(&tx, Some(top - i as i64), owner, &runner, &doc) {
             Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
-                Err(at(Error::BadRequest(format!("id {} already exists", runner.id))))
+                Err(at(Error::BadRequest(format!(
+                    "id {} already exists",
+                    runner.id
+                ))))
             }
             other => {
                 other?;
@@ -621,7 +679,10 @@ impl<'de> Deserialize<'de> for PeekUserId {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a runner")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<PeekUserId, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<PeekUserId, A::Error> {
                 let mut found = None;
                 while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
                     if key == "user_id" {
@@ -632,7 +693,10 @@ impl<'de> Deserialize<'de> for PeekUserId {
                 }
                 Ok(PeekUserId(found))
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> std::result::Result<PeekUserId, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> std::result::Result<PeekUserId, A::Error> {
                 while s.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(PeekUserId(None))
             }
@@ -666,7 +730,10 @@ type Visit<'a, T> = &'a mut dyn FnMut(usize, T) -> Result<()>;
 fn for_each_runner<T: DeserializeOwned>(input: &[u8], f: Visit<'_, T>) -> Result<()> {
     let mut failed = None;
     let mut de = serde_json::Deserializer::from_slice(input);
-    let seed = Document { f, failed: &mut failed };
+    let seed = Document {
+        f,
+        failed: &mut failed,
+    };
     let parsed = seed.deserialize(&mut de).and_then(|()| de.end());
     match (failed, parsed) {
         (Some(e), _) => Err(e),
@@ -695,11 +762,18 @@ impl<'de, T: DeserializeOwned> de::Visitor<'de> for Document<'_, '_, T> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> std::result::Result<(), A::Error> {
-        Each { f: self.f, failed: self.failed }.visit_seq(seq)
+        Each {
+            f: self.f,
+            failed: self.failed,
+        }
+        .visit_seq(seq)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
-        let mut each = Some(Each { f: self.f, failed: self.failed });
+        let mut each = Some(Each {
+            f: self.f,
+            failed: self.failed,
+        });
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match (key.as_ref(), each.take()) {
                 ("runners", Some(e)) => map.next_value_seed(e)?,
@@ -757,7 +831,10 @@ mod tests {
     fn names() {
         assert!(check_name(&json!("a")).is_ok());
         assert!(check_name(&json!(" padded ")).is_ok());
-        assert!(check_name(&json!("é".repeat(100))).is_ok(), "characters, not bytes");
+        assert!(
+            check_name(&json!("é".repeat(100))).is_ok(),
+            "characters, not bytes"
+        );
         assert!(check_name(&json!("x".repeat(101))).is_err());
         assert!(check_name(&json!("")).is_err());
         assert!(check_name(&json!(" \t\n")).is_err());
@@ -798,7 +875,10 @@ mod tests {
 
     #[test]
     fn tags() {
-        assert_eq!(check_tags(&json!(["b", "a", "b"])).unwrap(), ["b", "a", "b"]);
+        assert_eq!(
+            check_tags(&json!(["b", "a", "b"])).unwrap(),
+            ["b", "a", "b"]
+        );
         assert!(check_tags(&json!([])).unwrap().is_empty());
         assert!(check_tags(&json!(vec!["t"; 10])).is_ok());
         assert!(check_tags(&json!(vec!["t"; 11])).is_err());
@@ -810,8 +890,16 @@ mod tests {
     #[test]
     fn headers() {
         let h = check_headers(&json!({"X-B": "1", "a": "2"})).unwrap();
-        assert_eq!(h.0, [("X-B".to_string(), "1".to_string()), ("a".to_string(), "2".to_string())]);
-        assert!(check_headers(&json!({"Authorization": "Bearer x", "authorization": "y"})).is_err());
+        assert_eq!(
+            h.0,
+            [
+                ("X-B".to_string(), "1".to_string()),
+                ("a".to_string(), "2".to_string())
+            ]
+        );
+        assert!(
+            check_headers(&json!({"Authorization": "Bearer x", "authorization": "y"})).is_err()
+        );
         assert!(check_headers(&json!({"Bad Name": "x"})).is_err());
         assert!(check_headers(&json!({"": "x"})).is_err());
         assert!(check_headers(&json!({"X": "a\r\nb"})).is_err());
@@ -823,12 +911,18 @@ mod tests {
 
     #[test]
     fn null_is_absent() {
-        let map = body_object(br#"{"name":"n","endpoint":"http://h","tags":null,"headers":null,"status":null}"#).unwrap();
+        let map = body_object(
+            br#"{"name":"n","endpoint":"http://h","tags":null,"headers":null,"status":null}"#,
+        )
+        .unwrap();
         let d = Draft::from_json(&map).unwrap();
         assert_eq!(d.status, Status::Active);
         assert!(d.tags.is_empty() && d.headers.0.is_empty());
         let map = body_object(br#"{"name":null,"endpoint":"http://h"}"#).unwrap();
-        assert!(Draft::from_json(&map).unwrap_err().public_message().contains("name"));
+        assert!(Draft::from_json(&map)
+            .unwrap_err()
+            .public_message()
+            .contains("name"));
         let p = Patch::from_json(&body_object(br#"{"name":null}"#).unwrap()).unwrap();
         assert!(p.name.is_none());
     }
@@ -836,8 +930,16 @@ mod tests {
     #[test]
     fn list_query_rules() {
         let q = ListQuery::from_params(None, None, None).unwrap();
-        assert_eq!(q, ListQuery { page: 1, per_page: 10, status: None });
-        let q = ListQuery::from_params(Some("9223372036854775807"), Some("100"), Some("disabled")).unwrap();
+        assert_eq!(
+            q,
+            ListQuery {
+                page: 1,
+                per_page: 10,
+                status: None
+            }
+        );
+        let q = ListQuery::from_params(Some("9223372036854775807"), Some("100"), Some("disabled"))
+            .unwrap();
         assert_eq!(q.page, i64::MAX);
         for (p, pp, s, field) in [
             (Some("0"), None, None, "page"),
@@ -852,7 +954,9 @@ mod tests {
             (None, None, Some("Active"), "status"),
             (None, None, Some(""), "status"),
         ] {
-            let msg = ListQuery::from_params(p, pp, s).unwrap_err().public_message();
+            let msg = ListQuery::from_params(p, pp, s)
+                .unwrap_err()
+                .public_message();
             assert!(msg.starts_with(field), "{p:?} {pp:?} {s:?}: {msg}");
         }
     }

@@ -74,7 +74,9 @@ pub fn hash(token: &str) -> [u8; 32] {
 pub fn is_well_formed(token: &str) -> bool {
     token.len() >= PREFIX.len() + MIN_RANDOM_CHARS
         && token.starts_with(PREFIX)
-        && token[PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric())
+        && token[PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric())
 }
 
 #[derive(Debug, Clone)]
@@ -102,8 +104,7 @@ fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 
 fn check_user_name(name: &str) -> Result<()> {
     let chars = name.chars().count();
-    if name.trim().is_empty() || chars > MAX_USER_NAME_CHARS || name.chars().any(char::is_control)
-    {
+    if name.trim().is_empty() || chars > MAX_USER_NAME_CHARS || name.chars().any(char::is_control) {
         return Err(Error::Invalid(format!(
             "user name must be 1 to {MAX_USER_NAME_CHARS} characters, not blank, without control characters"
         )));
@@ -139,10 +140,16 @@ pub fn ensure_user_with_id(conn: &Connection, name: &str, wanted: Option<&str>) 
     }
     let now = clock::now();
     let free = |id: &String| -> Result<bool> {
-        let taken: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM users WHERE uuid = ?1)", [id], |r| r.get(0))?;
+        let taken: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE uuid = ?1)",
+            [id],
+            |r| r.get(0),
+        )?;
         Ok(!taken)
     };
-    let wanted = wanted.and_then(|w| uuid::Uuid::try_parse(w).ok()).map(|u| u.to_string());
+    let wanted = wanted
+        .and_then(|w| uuid::Uuid::try_parse(w).ok())
+        .map(|u| u.to_string());
     let uuid = match wanted {
         Some(id) if free(&id)? => id,
         _ => uuid::Uuid::new_v4().to_string(),
@@ -267,7 +274,9 @@ pub enum Revoked {
 /// twice changes nothing.
 pub fn revoke(conn: &Connection, id: &str) -> Result<Revoked> {
     let unknown = || Error::Invalid(format!("no token with id {id}"));
-    let id = uuid::Uuid::try_parse(id).map_err(|_| unknown())?.to_string();
+    let id = uuid::Uuid::try_parse(id)
+        .map_err(|_| unknown())?
+        .to_string();
     let changed = conn.execute(
         "UPDATE tokens SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
         params![clock::now(), id],

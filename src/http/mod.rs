@@ -92,7 +92,12 @@ impl App {
             conn.prepare_cached("BEGIN")?.execute([])?;
         }
         let outcome = self.dispatch(&mut conn, rq, &path, &query, method, now);
-        if reading && conn.prepare_cached("COMMIT").and_then(|mut s| s.execute([])).is_err() {
+        if reading
+            && conn
+                .prepare_cached("COMMIT")
+                .and_then(|mut s| s.execute([]))
+                .is_err()
+        {
             let _ = conn.execute_batch("ROLLBACK");
         }
         let (authed, mut reply) = outcome?;
@@ -109,7 +114,10 @@ impl App {
                 let pool = self.pool.clone();
                 let token = authed.token;
                 reply.after = Some(Box::new(move || {
-                    let done = pool.get().map_err(Error::from).and_then(|c| tokens::touch(&c, token, now));
+                    let done = pool
+                        .get()
+                        .map_err(Error::from)
+                        .and_then(|c| tokens::touch(&c, token, now));
                     if let Err(e) = done {
                         eprintln!("comfy-runners: recording a token's use: {e}");
                     }
@@ -134,9 +142,13 @@ impl App {
         let route = Route::parse(path)?;
         let reply = match (&route, method) {
             (Route::Runners, "GET" | "HEAD") => runners::list(conn, &authed, query),
-            (Route::Runners, "POST") => rq.body().and_then(|b| runners::create(conn, &authed, &b, now)),
+            (Route::Runners, "POST") => rq
+                .body()
+                .and_then(|b| runners::create(conn, &authed, &b, now)),
             (Route::Runner(id), "GET" | "HEAD") => runners::get(conn, &authed, id),
-            (Route::Runner(id), "PUT") => rq.body().and_then(|b| runners::update(conn, &authed, id, &b, now)),
+            (Route::Runner(id), "PUT") => rq
+                .body()
+                .and_then(|b| runners::update(conn, &authed, id, &b, now)),
             (Route::Runner(id), "DELETE") => runners::delete(conn, &authed, id),
             (Route::User, "GET" | "HEAD") => user(conn, &authed),
             (route, _) => Err(Error::MethodNotAllowed(route.allow())),
@@ -147,8 +159,10 @@ impl App {
     /// `GET /healthz`: 200 when the database answers a read of the file.
     fn healthz(&self) -> Reply {
         let answered = self.pool.get().map_err(Error::from).and_then(|c| {
-            c.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get::<_, i64>(0))
-                .map_err(Error::from)
+            c.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(Error::from)
         });
         match answered {
             Ok(_) => Reply::json(200, br#"{"status":"ok"}"#.to_vec()),

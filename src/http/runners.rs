@@ -9,7 +9,10 @@ use crate::runners::{self, Draft, ListQuery, Owner, Patch};
 use crate::tokens::Authed;
 
 fn owner(authed: &Authed) -> Owner<'_> {
-    Owner { id: authed.user, uuid: &authed.user_uuid }
+    Owner {
+        id: authed.user,
+        uuid: &authed.user_uuid,
+    }
 }
 
 /// `GET /v1/runner?page=&per_page=&status=`. Of repeated parameters the first counts.
@@ -41,11 +44,20 @@ pub fn create(conn: &Connection, authed: &Authed, body: &[u8], now: i64) -> Resu
 /// `GET /v1/runner/{id}`.
 pub fn get(conn: &Connection, authed: &Authed, id: &str) -> Result<Reply> {
     let id = runners::parse_id(id)?;
-    Ok(Reply::json(200, runners::get(conn, authed.user, &id)?.into_bytes()))
+    Ok(Reply::json(
+        200,
+        runners::get(conn, authed.user, &id)?.into_bytes(),
+    ))
 }
 
 /// `PUT /v1/runner/{id}`.
-pub fn update(conn: &mut Connection, authed: &Authed, id: &str, body: &[u8], now: i64) -> Result<Reply> {
+pub fn update(
+    conn: &mut Connection,
+    authed: &Authed,
+    id: &str,
+    body: &[u8],
+    now: i64,
+) -> Result<Reply> {
     let fields = runners::body_object(body)?;
     let id = runners::parse_id(id)?;
     let patch = Patch::from_json(&fields)?;

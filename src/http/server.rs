@@ -118,7 +118,11 @@ impl Incoming<'_> {
 }
 
 fn declared_length(rq: &tiny_http::Request) -> Option<u64> {
-    if rq.headers().iter().any(|h| h.field.equiv("Transfer-Encoding")) {
+    if rq
+        .headers()
+        .iter()
+        .any(|h| h.field.equiv("Transfer-Encoding"))
+    {
         return None;
     }
     rq.headers()
@@ -143,7 +147,13 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(status: u16, body: Vec<u8>) -> Reply {
-        Reply { status, body, allow: None, challenge: false, after: None }
+        Reply {
+            status,
+            body,
+            allow: None,
+            challenge: false,
+            after: None,
+        }
     }
 
     pub fn no_content() -> Reply {
@@ -231,9 +241,14 @@ impl Stopper {
 impl Server {
     /// Serves `listener` (from `bind`) with `workers` threads calling `handler`.
     /// Returns once the server is accepting connections.
-    pub fn start(listener: TcpListener, workers: usize, handler: Arc<dyn Handler>) -> io::Result<Server> {
+    pub fn start(
+        listener: TcpListener,
+        workers: usize,
+        handler: Arc<dyn Handler>,
+    ) -> io::Result<Server> {
         let addr = listener.local_addr()?;
         let handle = listener.try_clone()?;
+        let threads_before = super::warden::threads();
         let http = tiny_http::Server::from_listener(listener, None)
             .map_err(|e| io::Error::other(e.to_string()))?;
         let served = Arc::new(AtomicU64::new(0));
@@ -254,8 +269,14 @@ impl Server {
                     .spawn(move || work(&shared))
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let warden = Warden::start(addr, served)?;
-        Ok(Server { shared, addr, workers, warden })
+        // The workers started after `threads_before` was taken.
+        let warden = Warden::start(addr, threads_before.map(|n| n + workers.len()), served)?;
+        Ok(Server {
+            shared,
+            addr,
+            workers,
+            warden,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -298,7 +319,10 @@ fn work(shared: &Shared) {
             }
         };
         shared.served.fetch_add(1, Ordering::Relaxed);
-        let mut incoming = Incoming { rq: &mut rq, body_done: false };
+        let mut incoming = Incoming {
+            rq: &mut rq,
+            body_done: false,
+        };
         let mut reply = catch_unwind(AssertUnwindSafe(|| shared.handler.handle(&mut incoming)))
             .unwrap_or_else(|_| Reply::error(&Error::Internal("a handler panicked".into())));
         let body_done = incoming.body_done;
@@ -343,11 +367,9 @@ fn send(rq: tiny_http::Request, reply: Reply, body_done: bool) {
     } else if unread <= BELIEVABLE_BODY {
         // Dropping the request reads the rest of its body; a slow client must
         // not hold a worker for that, so answer from a thread of its own.
-        let _ = thread::Builder::new()
-            .name("drain".into())
-            .spawn(move || {
-                let _ = rq.respond(response);
-            });
+        let _ = thread::Builder::new().name("drain".into()).spawn(move || {
+            let _ = rq.respond(response);
+        });
     } else {
         // Dropping this request would allocate its claimed size at once and
         // abort the process. Answer it, and keep its reader from ever being

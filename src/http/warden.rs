@@ -14,22 +14,22 @@
 //! So the danger is an idle pool thread at the moment a burst arrives. The
 //! warden removes that state instead of racing it:
 //!
-//! - At start it opens `PLUGS` keep-alive connections to the server itself,
-//!   one at a time, each confirmed by a round trip. They occupy the pool's
-//!   permanent threads, so on a fresh server no thread is idle and every new
-//!   connection gets a thread of its own at once.
-//! - Threads freed when clients disconnect idle for a few seconds and can
-//!   let a later burst queue a few connections behind busy ones again. While
-//!   requests flow the warden replaces one plug every `BUSY_TICK`: closing a
-//!   plug ends its thread's task, and a pool thread whose task ends takes the
-//!   oldest queued connection before it goes idle. A queued connection is
-//!   therefore served within a few ticks. When nothing is queued the freed
-//!   thread goes idle and is at once taken again by the replacement plug, so
-//!   rotating costs nothing in the healthy state.
+//! - At start, once the pool's permanent threads are up, it opens keep-alive
+//!   connections to the server itself ("plugs"), one at a time, each confirmed
+//!   by a round trip, until one of them makes the pool start a new thread:
+//!   proof that no idle thread is left. On a fresh server every new
+//!   connection then gets a thread of its own at once.
+//! - Threads freed when clients disconnect idle for 5 s and can let a burst
+//!   in that window queue a few connections behind busy ones again. While
+//!   requests flow (and for a while after) the warden replaces its plugs
+//!   every `BUSY_TICK`: closing a plug ends its thread's task, and a pool
+//!   thread whose task ends takes the oldest queued connection before it goes
+//!   idle. Queued connections are therefore served within a few ticks. When nothing
+//!   is queued the freed thread goes idle and is at once taken again by the
+//!   replacement plug, so rotating costs nothing in the healthy state.
 //!
 //! The plugs send `GET /.warden`, answered 404 without touching the database.
 
-use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,10 +37,14 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// tiny_http's pool keeps this many threads for good.
-const PLUGS: usize = 4;
-/// How often a plug is replaced while requests are flowing.
-const BUSY_TICK: Duration = Duration::from_millis(25);
+/// tiny_http starts this many pool threads, plus its accept thread.
+const POOL_THREADS: usize = 4;
+/// Plugs at most (a bound, in case thread counts cannot be read).
+const MAX_PLUGS: usize = 16;
+/// How often the plugs are replaced while requests are flowing.
+const BUSY_TICK: Duration = Duration::from_millis(50);
+/// "Flowing": a request other than a plug's was served this recently.
+const BUSY_FOR: Duration = Duration::from_secs(2);
 /// And while the server is idle (well within the server's idle timeout, so
 /// the server never closes a plug itself).
 const IDLE_EVERY: Duration = Duration::from_secs(1);
@@ -55,20 +59,46 @@ pub struct Warden {
 }
 
 impl Warden {
-    /// Plugs the pool of the server at `addr`; returns once the plugs are in.
-    /// `served` counts the server's requests.
-    pub fn start(addr: SocketAddr, served: Arc<AtomicU64>) -> io::Result<Warden> {
+    /// Plugs the pool of the server at `addr`, whose tiny_http server was
+    /// created when the process had `threads_before` threads; returns once the
+    /// plugs are in. `served` counts the server's requests.
+    pub fn start(
+        addr: SocketAddr,
+        threads_before: Option<usize>,
+        served: Arc<AtomicU64>,
+    ) -> io::Result<Warden> {
         let target = loopback(addr);
-        let mut plugs = VecDeque::with_capacity(PLUGS);
-        for _ in 0..PLUGS {
-            plugs.push_back(plug(target)?);
+        // The pool's threads count as idle only once they wait for work; a
+        // plug that arrives before that gets a new thread instead.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        if let Some(before) = threads_before {
+            while threads().is_some_and(|n| n < before + POOL_THREADS + 1)
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        thread::sleep(Duration::from_millis(5));
+        let mut plugs = Vec::with_capacity(POOL_THREADS + 1);
+        while plugs.len() < MAX_PLUGS {
+            let before = threads();
+            plugs.push(plug(target)?);
+            match (before, threads()) {
+                (Some(b), Some(a)) if a > b => break,
+                (Some(_), Some(_)) => continue,
+                _ if plugs.len() >= POOL_THREADS => break,
+                _ => continue,
+            }
         }
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = thread::Builder::new()
             .name("warden".into())
             .spawn(move || rotate(target, plugs, &served, &stopping))?;
-        Ok(Warden { stop, thread: Some(thread) })
+        Ok(Warden {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn stop(mut self) {
@@ -80,11 +110,20 @@ impl Warden {
     }
 }
 
+/// How many threads this process has (Linux), if that can be read.
+pub fn threads() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+}
+
 /// Where to connect to reach a server listening on `addr`.
 fn loopback(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
         _ => addr,
     }
 }
@@ -127,30 +166,38 @@ fn response_complete(got: &[u8]) -> bool {
     got.len() >= head_end + 4 + length
 }
 
-fn rotate(target: SocketAddr, mut plugs: VecDeque<TcpStream>, served: &AtomicU64, stop: &AtomicBool) {
+fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, stop: &AtomicBool) {
+    let want = plugs.len();
     let mut seen = served.load(Ordering::Relaxed);
     let mut last = Instant::now();
+    let mut last_busy = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         thread::park_timeout(BUSY_TICK);
         let now_served = served.load(Ordering::Relaxed);
-        // More than our own plug's request since the last rotation.
-        let busy = now_served > seen + 1;
+        // More than our own plugs' requests since the last rotation.
+        if now_served > seen + want as u64 {
+            last_busy = Instant::now();
+        }
+        seen = now_served;
+        let busy = last_busy.elapsed() < BUSY_FOR;
         if !(busy || last.elapsed() >= IDLE_EVERY) || stop.load(Ordering::SeqCst) {
             continue;
         }
-        drop(plugs.pop_front());
+        // Close them all, so that each freed thread can take a queued
+        // connection, then let the freed threads settle and plug them again.
+        plugs.clear();
         thread::sleep(SETTLE);
-        match plug(target) {
-            Ok(p) => plugs.push_back(p),
-            Err(e) => eprintln!("comfy-runners: warden could not reconnect: {e}"),
+        while plugs.len() < want {
+            match plug(target) {
+                Ok(p) => plugs.push(p),
+                Err(e) => {
+                    // Retried on the next tick.
+                    eprintln!("comfy-runners: warden could not reconnect: {e}");
+                    break;
+                }
+            }
         }
         seen = served.load(Ordering::Relaxed);
         last = Instant::now();
-        if plugs.len() < PLUGS {
-            // A failed reconnect is retried on the next tick.
-            if let Ok(p) = plug(target) {
-                plugs.push_back(p);
-            }
-        }
     }
 }

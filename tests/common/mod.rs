@@ -41,7 +41,11 @@ impl Resp {
 
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("status {}: body is not JSON ({e}): {:?}", self.status, String::from_utf8_lossy(&self.body))
+            panic!(
+                "status {}: body is not JSON ({e}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
@@ -152,7 +156,11 @@ impl Server {
     /// A new token for `user` (created if needed), from the CLI.
     pub fn token_for(&self, user: &str) -> String {
         let out = self.cli(&["token", "create", "--user", user]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
@@ -174,8 +182,17 @@ impl Server {
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
         let status = resp.status().as_u16();
-        let body = resp.body_mut().with_config().limit(64 << 20).read_to_vec().unwrap_or_default();
-        Resp { status, headers, body }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .unwrap_or_default();
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
     /// With the admin token.
@@ -184,11 +201,21 @@ impl Server {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Resp {
-        self.call("POST", path, Some(&self.token), Some(body.to_string().as_bytes()))
+        self.call(
+            "POST",
+            path,
+            Some(&self.token),
+            Some(body.to_string().as_bytes()),
+        )
     }
 
     pub fn put(&self, path: &str, body: &Value) -> Resp {
-        self.call("PUT", path, Some(&self.token), Some(body.to_string().as_bytes()))
+        self.call(
+            "PUT",
+            path,
+            Some(&self.token),
+            Some(body.to_string().as_bytes()),
+        )
     }
 
     pub fn delete(&self, path: &str) -> Resp {
@@ -198,7 +225,12 @@ impl Server {
     /// Registers a runner named `name` with `token`; returns it.
     pub fn create_as(&self, token: &str, name: &str) -> Value {
         let body = serde_json::json!({"name": name, "endpoint": "http://127.0.0.1:8188"});
-        let r = self.call("POST", "/v1/runner", Some(token), Some(body.to_string().as_bytes()));
+        let r = self.call(
+            "POST",
+            "/v1/runner",
+            Some(token),
+            Some(body.to_string().as_bytes()),
+        );
         assert_eq!(r.status, 201, "{}", r.text());
         r.json()
     }
@@ -254,8 +286,7 @@ impl Server {
         let mut child = self.child.take().unwrap();
         let _ = child.kill();
         let _ = child.wait();
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        dir
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     /// Stops the server cleanly and keeps the directory, for a restart.
@@ -307,12 +338,17 @@ pub fn read_response(s: &mut impl Read) -> std::io::Result<(u16, Vec<u8>)> {
     loop {
         if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&got[..end]).to_string();
-            let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let status: u16 = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             let len = head
                 .lines()
                 .find_map(|l| {
                     let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
                 })
                 .unwrap_or(0);
             while got.len() < end + 4 + len {

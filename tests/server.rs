@@ -1,0 +1,432 @@
+//! The server as a process: restarts, shutdown, hostile input, bursts of
+//! connections, latency on keep-alive connections, and counts that stay exact.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{http_request, read_response, Server};
+use serde_json::{json, Value};
+
+fn healthy(s: &Server) {
+    let r = s.call("GET", "/healthz", None, None);
+    assert_eq!(r.status, 200, "server stopped answering: {}", s.stderr());
+    let u = s.get("/v1/user");
+    assert_eq!(u.status, 200);
+}
+
+#[test]
+fn restart_keeps_all_data_and_prints_no_new_token() {
+    let s = Server::start();
+    assert!(s.stderr().contains("created user admin"), "{}", s.stderr());
+    let token = s.token.clone();
+    for i in 0..5 {
+        s.create(&format!("keep-{i}"));
+    }
+    let bob = s.token_for("bob");
+    s.create_as(&bob, "bobs");
+    let before = s.get("/v1/runner?per_page=100").json();
+    let dir = s.stop_keep();
+    assert!(
+        !dir.path().join("test.db-wal").exists()
+            || std::fs::metadata(dir.path().join("test.db-wal"))
+                .unwrap()
+                .len()
+                == 0,
+        "the database was closed cleanly"
+    );
+
+    let mut again = Server::start_in(dir, &[]);
+    assert!(
+        again.token.is_empty(),
+        "no bootstrap token on a database with tokens"
+    );
+    assert!(!again.stderr().contains("created user"));
+    again.token = token;
+    assert_eq!(again.get("/v1/runner?per_page=100").json(), before);
+    assert_eq!(
+        again.call("GET", "/v1/runner", Some(&bob), None).json()["total"],
+        1
+    );
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_then_exits_0() {
+    let s = Server::start();
+    let body =
+        json!({"name": "in flight", "endpoint": "http://h", "pad": "x".repeat(4000)}).to_string();
+    let rq = http_request("POST", "/v1/runner", &s.token, body.as_bytes());
+    let split = rq.len() - 1000;
+    let mut conn = TcpStream::connect(&s.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(&rq[..split]).unwrap();
+    // The head has arrived and a worker is reading the body when the signal comes.
+    thread::sleep(Duration::from_millis(200));
+    s.signal("TERM");
+    thread::sleep(Duration::from_millis(200));
+    conn.write_all(&rq[split..]).unwrap();
+    let (status, reply) = read_response(&mut conn).unwrap();
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
+    // No new connections once stopping.
+    let mut s = s;
+    let status = s.wait();
+    assert!(status.success(), "{status:?}: {}", s.stderr());
+    assert!(TcpStream::connect(&s.addr).is_err());
+}
+
+#[test]
+fn sigint_also_stops_cleanly() {
+    let mut s = Server::start();
+    s.signal("INT");
+    assert!(s.wait().success());
+}
+
+#[test]
+fn listen_address_in_use_is_a_one_line_error() {
+    let s = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--listen", &s.addr, "--db"])
+        .arg(dir.path().join("other.db"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.starts_with("comfy-runners: cannot listen on") && last.contains(&s.addr),
+        "{err}"
+    );
+    healthy(&s);
+}
+
+#[test]
+fn hostile_input_never_hurts_the_server() {
+    let s = Server::start();
+    let t = s.token.clone();
+    let wait = Duration::from_secs(3);
+    let huge_claim = format!(
+        "POST /v1/runner HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: 99999999999999999\r\n\r\n{{}}"
+    );
+    let huge_claim_no_auth =
+        "POST /v1/runner HTTP/1.1\r\nHost: x\r\nContent-Length: 1099511627776\r\n\r\n".to_string();
+    let big_claim = format!("PUT /v1/runner/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: 5000000\r\n\r\n");
+    let mut chunked = format!("POST /v1/runner HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\n\r\n").into_bytes();
+    for _ in 0..20 {
+        chunked
+            .extend_from_slice(format!("{:x}\r\n{}\r\n", 100_000, "a".repeat(100_000)).as_bytes());
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"\x00\x01\x02garbage\xff\xfe\r\n\r\n".to_vec()),
+        ("binary", (0..4096).map(|i| (i * 7 % 256) as u8).collect()),
+        ("no newline", vec![b'A'; 200_000]),
+        ("bad request line", b"GET\r\n\r\n".to_vec()),
+        ("http/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()),
+        ("bad header", b"GET /v1/user HTTP/1.1\r\nno colon here\r\n\r\n".to_vec()),
+        ("huge claimed body", huge_claim.into_bytes()),
+        ("huge claimed body, no token", huge_claim_no_auth.into_bytes()),
+        ("big claimed body", big_claim.into_bytes()),
+        ("chunked 2 MB", chunked),
+        ("bad expect", format!("POST /v1/runner HTTP/1.1\r\nAuthorization: Bearer {t}\r\nExpect: tea\r\nContent-Length: 2\r\n\r\n{{}}").into_bytes()),
+        ("http/1.0", format!("GET /v1/runner HTTP/1.0\r\nAuthorization: Bearer {t}\r\n\r\n").into_bytes()),
+        ("utf-8 path", format!("GET /v1/runner/\u{e9}\u{1f600} HTTP/1.1\r\nAuthorization: Bearer {t}\r\n\r\n").into_bytes()),
+        ("invalid utf-8 path", [&b"GET /v1/runner/\xff\xfe HTTP/1.1\r\nAuthorization: Bearer "[..], t.as_bytes(), b"\r\n\r\n"].concat()),
+        ("nul in query", format!("GET /v1/runner?page=1%00&status=%00 HTTP/1.1\r\nAuthorization: Bearer {t}\r\n\r\n").into_bytes()),
+        ("long query", format!("GET /v1/runner?page={} HTTP/1.1\r\nAuthorization: Bearer {t}\r\n\r\n", "9".repeat(50_000)).into_bytes()),
+        ("wrong types", http_request("POST", "/v1/runner", &t, br#"{"name":{"$gt":""},"endpoint":[1],"tags":{"a":1},"headers":"x"}"#)),
+        ("deep json", http_request("POST", "/v1/runner", &t, &[vec![b'['; 100_000], vec![b']'; 100_000]].concat())),
+        ("huge number", http_request("POST", "/v1/runner", &t, format!("{{\"name\": 1{}}}", "0".repeat(5000)).as_bytes())),
+        ("sql in json", http_request("POST", "/v1/runner", &t, br#"{"name":"x'); DROP TABLE runners;--","endpoint":"http://h"}"#)),
+    ];
+    for (what, bytes) in &cases {
+        let reply = s.raw(bytes, wait);
+        let text = String::from_utf8_lossy(&reply);
+        assert!(
+            !text.contains(" 500 ") && !text.contains(" 503 "),
+            "{what}: {text}"
+        );
+        healthy(&s);
+    }
+    // The runner with SQL in its name is just a name.
+    let list = s.get("/v1/runner").json();
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["runners"][0]["name"], "x'); DROP TABLE runners;--");
+    // Every /v1 answer above was JSON with the right status.
+    let r = s.raw(&cases[6].1, wait);
+    assert!(
+        String::from_utf8_lossy(&r).starts_with("HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
+    let r = s.raw(&cases[7].1, wait);
+    assert!(String::from_utf8_lossy(&r).starts_with("HTTP/1.1 401"));
+    let r = s.raw(&cases[9].1, wait);
+    assert!(
+        String::from_utf8_lossy(&r).starts_with("HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
+}
+
+/// Opens `n` keep-alive connections at once; each sends a request as soon as
+/// all are connected. Returns how long each waited for its first answer.
+fn burst(s: &Server, n: usize) -> Vec<Option<Duration>> {
+    let barrier = Arc::new(Barrier::new(n));
+    let rq = Arc::new(http_request("GET", "/v1/runner", &s.token, b""));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (barrier, rq, addr) = (barrier.clone(), rq.clone(), s.addr.clone());
+            thread::spawn(move || {
+                let mut c = TcpStream::connect(&addr).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                barrier.wait();
+                let start = Instant::now();
+                c.write_all(&rq).unwrap();
+                let first = read_response(&mut c)
+                    .ok()
+                    .filter(|(st, _)| *st == 200)
+                    .map(|_| start.elapsed());
+                // Keep the connection open (and used) until everyone is done.
+                barrier.wait();
+                first
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn assert_all_served(waits: &[Option<Duration>], when: &str) {
+    let served = waits
+        .iter()
+        .filter(|w| w.is_some_and(|d| d < Duration::from_secs(1)))
+        .count();
+    assert_eq!(
+        served,
+        waits.len(),
+        "{when}: only {served} of {} connections answered within 1 s",
+        waits.len()
+    );
+}
+
+#[test]
+fn a_fresh_server_answers_64_simultaneous_keep_alive_connections() {
+    for start in 0..4 {
+        let s = Server::start();
+        s.create("r");
+        assert_all_served(&burst(&s, 64), &format!("fresh start {start}"));
+    }
+}
+
+#[test]
+fn bursts_right_after_other_connections_closed_are_served_too() {
+    let s = Server::start();
+    for round in 0..4 {
+        // Connections that just closed leave idle pool threads behind.
+        assert_all_served(&burst(&s, 16), &format!("round {round}, 16"));
+        assert_all_served(&burst(&s, 64), &format!("round {round}, 64"));
+    }
+}
+
+#[test]
+fn large_responses_on_keep_alive_connections_are_not_delayed() {
+    let s = Server::start();
+    for i in 0..10 {
+        s.create(&format!(
+            "a runner with a longish name to make the page bigger {i}"
+        ));
+    }
+    let rq = http_request("GET", "/v1/runner", &s.token, b"");
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut times = Vec::new();
+    for _ in 0..25 {
+        let start = Instant::now();
+        c.write_all(&rq).unwrap();
+        let (status, body) = read_response(&mut c).unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            body.len() > 2500,
+            "the page spans several segments: {}",
+            body.len()
+        );
+        times.push(start.elapsed());
+    }
+    times.sort();
+    // With Nagle's algorithm on, each of these waits ~40 ms for a delayed ACK.
+    assert!(
+        times[times.len() / 2] < Duration::from_millis(15),
+        "median {:?}",
+        times[times.len() / 2]
+    );
+}
+
+fn counts_match(db: &std::path::Path) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mismatches: Vec<(i64, String, i64, i64)> = conn
+        .prepare(
+            "WITH real AS (SELECT user_id, status, count(*) AS n FROM runners GROUP BY user_id, status)
+             SELECT coalesce(r.user_id, c.user_id), coalesce(r.status, c.status), coalesce(r.n, 0), coalesce(c.n, 0)
+             FROM real r FULL OUTER JOIN runner_counts c ON c.user_id = r.user_id AND c.status = r.status
+             WHERE coalesce(r.n, 0) != coalesce(c.n, 0)",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        mismatches.is_empty(),
+        "counts differ from COUNT(*): {mismatches:?}"
+    );
+}
+
+#[test]
+fn totals_stay_exact_under_concurrent_writers_imports_and_kills() {
+    let s = Server::start();
+    let tokens: Vec<String> = (0..3).map(|i| s.token_for(&format!("u{i}"))).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("import.json");
+    let batch: Vec<Value> = (0..3000).map(|i| json!({"name": format!("imp{i}"), "endpoint": "http://h", "status": if i % 2 == 0 { "active" } else { "disabled" }})).collect();
+    std::fs::write(&file, Value::from(batch).to_string()).unwrap();
+
+    let s = Arc::new(s);
+    let writers: Vec<_> = (0..6)
+        .map(|w| {
+            let (s, token) = (s.clone(), tokens[w % 3].clone());
+            thread::spawn(move || {
+                let mut mine = Vec::new();
+                for i in 0..60 {
+                    let r = s.call(
+                        "POST",
+                        "/v1/runner",
+                        Some(&token),
+                        Some(
+                            json!({"name": format!("w{w}-{i}"), "endpoint": "http://h"})
+                                .to_string()
+                                .as_bytes(),
+                        ),
+                    );
+                    assert_eq!(r.status, 201, "{}", r.text());
+                    mine.push(r.json()["id"].as_str().unwrap().to_string());
+                    if i % 3 == 0 {
+                        let id = &mine[i / 2];
+                        let st = if i % 2 == 0 { "disabled" } else { "active" };
+                        let r = s.call(
+                            "PUT",
+                            &format!("/v1/runner/{id}"),
+                            Some(&token),
+                            Some(json!({"status": st}).to_string().as_bytes()),
+                        );
+                        assert_eq!(r.status, 200, "{}", r.text());
+                    }
+                    if i % 5 == 4 {
+                        let id = mine.remove(0);
+                        assert_eq!(
+                            s.call("DELETE", &format!("/v1/runner/{id}"), Some(&token), None)
+                                .status,
+                            204
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    let importer = {
+        let (db, file) = (s.db(), file.clone());
+        thread::spawn(move || {
+            common::cli(
+                &db,
+                &["runner", "import", "--user", "u1", file.to_str().unwrap()],
+            )
+        })
+    };
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(importer.join().unwrap().status.success());
+    counts_match(&s.db());
+    for (i, t) in tokens.iter().enumerate() {
+        let all = s.call("GET", "/v1/runner", Some(t), None).json()["total"]
+            .as_i64()
+            .unwrap();
+        let act = s
+            .call("GET", "/v1/runner?status=active", Some(t), None)
+            .json()["total"]
+            .as_i64()
+            .unwrap();
+        let dis = s
+            .call("GET", "/v1/runner?status=disabled", Some(t), None)
+            .json()["total"]
+            .as_i64()
+            .unwrap();
+        assert_eq!(all, act + dis, "user {i}");
+        let expected = 2 * 48 + if i == 1 { 3000 } else { 0 };
+        assert_eq!(all, expected, "user {i}");
+    }
+
+    // Killed in the middle of an import, and with writes in flight.
+    let s = Arc::try_unwrap(s).ok().unwrap();
+    let big: Vec<Value> = (0..200_000)
+        .map(|i| json!({"name": format!("k{i}"), "endpoint": "http://h"}))
+        .collect();
+    std::fs::write(&file, Value::from(big).to_string()).unwrap();
+    let mut import = std::process::Command::new(common::BIN)
+        .args([
+            "runner",
+            "import",
+            "--user",
+            "u2",
+            file.to_str().unwrap(),
+            "--db",
+        ])
+        .arg(s.db())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = tokens[0].clone();
+    let load = {
+        let base = s.base.clone();
+        thread::spawn(move || {
+            let agent = ureq::Agent::new_with_config(
+                ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(2)))
+                    .build(),
+            );
+            for i in 0..200 {
+                let r = agent
+                    .post(format!("{base}/v1/runner"))
+                    .header("Authorization", format!("Bearer {token}"))
+                    .send(json!({"name": format!("late{i}"), "endpoint": "http://h"}).to_string());
+                if r.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    let _ = import.kill();
+    let _ = import.wait();
+    thread::sleep(Duration::from_millis(50));
+    let dir = s.kill();
+    let _ = load.join();
+    counts_match(&dir.path().join("test.db"));
+    let again = Server::start_in(dir, &[]);
+    let u2 = again
+        .call("GET", "/v1/runner", Some(&tokens[2]), None)
+        .json()["total"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        u2 == 96 || u2 == 96 + 200_000,
+        "an import is all or nothing: {u2}"
+    );
+    counts_match(&again.db());
+}
