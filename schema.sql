@@ -36,18 +36,23 @@ CREATE INDEX tokens_by_user ON tokens(user_id);
 -- The columns beside it are the ones the list filters and sorts on; they are
 -- written together with `doc` by the one module that writes runners.
 CREATE TABLE runners (
-    seq         INTEGER PRIMARY KEY,   -- creation order: breaks created_at ties
+    seq         INTEGER PRIMARY KEY,   -- insertion order
+    ord         INTEGER NOT NULL,      -- creation order: breaks created_at ties
     id          TEXT    NOT NULL UNIQUE,
     user_id     INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     status      TEXT    NOT NULL CHECK (status IN ('active', 'disabled')),
     created_at  INTEGER NOT NULL,
     doc         TEXT    NOT NULL
 );
--- The list order is (created_at DESC, seq DESC); seq is the rowid, which every
--- index carries as its last key, so each index below serves one filter and the
--- total order without a sort.
-CREATE INDEX runners_by_user        ON runners(user_id, created_at);
-CREATE INDEX runners_by_user_status ON runners(user_id, status, created_at);
+-- The list order is (created_at DESC, ord DESC), a total order (ord is
+-- unique); each index below serves one filter and that order without a sort.
+--
+-- A runner created through the API gets ord = seq. An import of N runners
+-- appends them in file order (seq rising, so table pages fill densely) but
+-- gives them ord values falling through the same range, so that runners
+-- created in the same second list back in the order of the file.
+CREATE INDEX runners_by_user        ON runners(user_id, created_at, ord);
+CREATE INDEX runners_by_user_status ON runners(user_id, status, created_at, ord);
 
 -- How many runners each user has in each status, kept exact by the triggers
 -- below inside the same transaction as the change itself, so `total` is one

@@ -9,6 +9,8 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::io::Write;
+use std::sync::mpsc;
+use std::thread;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess};
@@ -22,6 +24,10 @@ pub const MAX_NAME_CHARS: usize = 100;
 pub const MAX_TAGS: usize = 10;
 pub const DEFAULT_PER_PAGE: i64 = 10;
 pub const MAX_PER_PAGE: i64 = 100;
+/// Runners handed from the parsing thread to the inserting one at a time.
+const IMPORT_BATCH: usize = 1024;
+/// Page cache of the connection that runs an import.
+const IMPORT_CACHE_KIB: i64 = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -317,26 +323,16 @@ pub fn parse_id(s: &str) -> Result<String> {
 // ---------------------------------------------------------------------------
 // Single runners.
 
-const INSERT: &str =
-    "INSERT INTO runners (seq, id, user_id, status, created_at, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+/// A new runner: next in insertion order, and newest in creation order.
+const INSERT: &str = "INSERT INTO runners (seq, ord, id, user_id, status, created_at, doc)
+     SELECT next, next, ?1, ?2, ?3, ?4, ?5 FROM (SELECT coalesce(max(seq), 0) + 1 AS next FROM runners)";
 
-fn insert(
-    conn: &Connection,
-    seq: Option<i64>,
-    owner: Owner<'_>,
-    r: &Runner,
-    doc: &str,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(INSERT)?.execute(params![
-        seq,
-        r.id,
-        owner.id,
-        r.status.as_str(),
-        r.created_at,
-        doc
-    ])?;
-    Ok(())
-}
+/// An imported runner, with its place in creation order given (see schema.sql).
+/// OR ROLLBACK: a duplicate id ends the whole import anyway, and saying so
+/// spares SQLite a statement journal for every row.
+const IMPORT: &str =
+    "INSERT OR ROLLBACK INTO runners (seq, ord, id, user_id, status, created_at, doc)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 /// Registers a new runner; returns its document.
 pub fn create(conn: &Connection, owner: Owner<'_>, draft: Draft, now: i64) -> Result<String> {
@@ -352,7 +348,13 @@ pub fn create(conn: &Connection, owner: Owner<'_>, draft: Draft, now: i64) -> Re
         updated_at: now,
     };
     let doc = runner.render()?;
-    insert(conn, None, owner, &runner, &doc)?;
+    conn.prepare_cached(INSERT)?.execute(params![
+        runner.id,
+        owner.id,
+        runner.status.as_str(),
+        runner.created_at,
+        doc
+    ])?;
     Ok(doc)
 }
 
@@ -469,12 +471,12 @@ fn count(conn: &Connection, owner: i64, status: Option<Status>) -> Result<i64> {
 /// skipped rows cost an index step each and never touch the table.
 const PAGE_SQL: [[&str; 2]; 2] = [
     [
-        "SELECT doc FROM runners WHERE user_id = ?1 ORDER BY created_at DESC, seq DESC LIMIT ?2 OFFSET ?3",
-        "SELECT doc FROM runners WHERE user_id = ?1 AND status = ?4 ORDER BY created_at DESC, seq DESC LIMIT ?2 OFFSET ?3",
+        "SELECT doc FROM runners WHERE user_id = ?1 ORDER BY created_at DESC, ord DESC LIMIT ?2 OFFSET ?3",
+        "SELECT doc FROM runners WHERE user_id = ?1 AND status = ?4 ORDER BY created_at DESC, ord DESC LIMIT ?2 OFFSET ?3",
     ],
     [
-        "SELECT doc FROM runners WHERE user_id = ?1 ORDER BY created_at ASC, seq ASC LIMIT ?2 OFFSET ?3",
-        "SELECT doc FROM runners WHERE user_id = ?1 AND status = ?4 ORDER BY created_at ASC, seq ASC LIMIT ?2 OFFSET ?3",
+        "SELECT doc FROM runners WHERE user_id = ?1 ORDER BY created_at ASC, ord ASC LIMIT ?2 OFFSET ?3",
+        "SELECT doc FROM runners WHERE user_id = ?1 AND status = ?4 ORDER BY created_at ASC, ord ASC LIMIT ?2 OFFSET ?3",
     ],
 ];
 
@@ -604,10 +606,10 @@ fn imported(map: &Map<String, Value>, owner: Owner<'_>, now: i64) -> Result<Runn
 /// transaction: all of it, or nothing. Returns how many were imported.
 ///
 /// Runners created in the same second are listed in reverse creation order,
-/// so to list them back in the order of the file, each one gets a creation
-/// sequence number that falls as the file goes on. That needs the count
-/// first: a quick pass over the input checks its shape and counts, and a
-/// second pass validates and inserts.
+/// so to list them back in the order of the file, each one gets a place in
+/// creation order (`ord`) that falls as the file goes on. That needs the
+/// count first: a quick pass over the input checks its shape and counts, and
+/// a second pass validates and inserts.
 ///
 /// A user the import creates takes the `user_id` its runners carry, when they
 /// all carry the same one, so a migrated user keeps its identity too.
@@ -625,6 +627,10 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
         Some(Some(id)) if owners.len() == 1 => Some(id.as_str()),
         _ => None,
     };
+    // A bulk load touches the id index all over; give this one connection a
+    // cache that holds it (the pool's connections stay small).
+    conn.pragma_update(None, "cache_size", -IMPORT_CACHE_KIB)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let owner = crate::tokens::ensure_user_with_id(&tx, user, wanted)?;
     let owner = Owner {
@@ -635,36 +641,81 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
         r.get(0)
     })?;
     let top = base + n as i64 - 1;
-    let mut seen = 0usize;
-    for_each_runner::<Value>(input, &mut |i, value| {
-        let at = |e: Error| match e {
-            Error::BadRequest(m) | Error::Invalid(m) => {
-                Error::Invalid(format!("runner {}: {m}", i + 1))
-            }
-            other => other,
-        };
-        let Value::Object(map) = value else {
-            return Err(at(Error::bad_request("must be a JSON object")));
-        };
-        let runner = imported(&map, owner, now).map_err(at)?;
-        let doc = runner.render()?;
-        match insert(&tx, Some(top - i as i64), owner, &runner, &doc) {
-            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
-                Err(at(Error::BadRequest(format!(
-                    "id {} already exists",
-                    runner.id
-                ))))
-            }
-            other => {
-                other?;
-                seen += 1;
+    // Two stages on two threads: one parses, validates and renders, the
+    // other inserts. A failure in either stops both.
+    let (rows_tx, rows_rx) = mpsc::sync_channel::<Result<Vec<(usize, Runner, String)>>>(8);
+    let owner_uuid = owner.uuid.to_string();
+    let inserted = thread::scope(|scope| -> Result<usize> {
+        scope.spawn(move || {
+            let owner = Owner {
+                id: owner.id,
+                uuid: &owner_uuid,
+            };
+            let mut batch = Vec::with_capacity(IMPORT_BATCH);
+            let parsed = for_each_runner::<Value>(input, &mut |i, value| {
+                let Value::Object(map) = value else {
+                    return Err(numbered(i, Error::bad_request("must be a JSON object")));
+                };
+                let runner = imported(&map, owner, now).map_err(|e| numbered(i, e))?;
+                let doc = runner.render()?;
+                batch.push((i, runner, doc));
+                if batch.len() == IMPORT_BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(IMPORT_BATCH));
+                    // The inserting side has stopped: so do we.
+                    rows_tx
+                        .send(Ok(full))
+                        .map_err(|_| Error::Internal("import stopped".into()))?;
+                }
                 Ok(())
+            });
+            let _ = rows_tx.send(parsed.map(|()| batch));
+        });
+        let mut insert = tx.prepare(IMPORT)?;
+        let mut seen = 0usize;
+        for rows in rows_rx {
+            for (i, runner, doc) in rows? {
+                let (seq, ord) = (base + i as i64, top - i as i64);
+                let status = runner.status.as_str();
+                match insert.execute(params![
+                    seq,
+                    ord,
+                    runner.id,
+                    owner.id,
+                    status,
+                    runner.created_at,
+                    doc
+                ]) {
+                    Err(e)
+                        if e.sqlite_error_code()
+                            == Some(rusqlite::ErrorCode::ConstraintViolation) =>
+                    {
+                        let dup = Error::BadRequest(format!("id {} already exists", runner.id));
+                        return Err(numbered(i, dup));
+                    }
+                    other => other?,
+                };
+                seen += 1;
             }
         }
+        Ok(seen)
     })?;
-    debug_assert_eq!(seen, n);
+    if inserted != n {
+        return Err(Error::Internal(format!(
+            "import saw {n} runners, then {inserted}"
+        )));
+    }
     tx.commit()?;
     Ok(n)
+}
+
+/// An error about runner `i` (0-based) of an import.
+fn numbered(i: usize, e: Error) -> Error {
+    match e {
+        Error::BadRequest(m) | Error::Invalid(m) => {
+            Error::Invalid(format!("runner {}: {m}", i + 1))
+        }
+        other => other,
+    }
 }
 
 /// The `user_id` of one runner of an import, if it has a string one; reads
