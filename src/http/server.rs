@@ -191,6 +191,8 @@ struct Shared {
     /// Set when tiny_http's accept loop died (it does not restart).
     failed: AtomicBool,
     served: Arc<AtomicU64>,
+    /// Tells the warden to stop replacing its connections.
+    warden_stop: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -198,6 +200,7 @@ impl Shared {
         if self.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.warden_stop.store(true, Ordering::SeqCst);
         if let Ok(mut at) = self.stopped_at.lock() {
             *at = Some(Instant::now());
         }
@@ -260,6 +263,7 @@ impl Server {
             stopped_at: Mutex::new(None),
             failed: AtomicBool::new(false),
             served: served.clone(),
+            warden_stop: Arc::new(AtomicBool::new(false)),
         });
         let workers = (0..workers.max(1))
             .map(|i| {
@@ -270,7 +274,12 @@ impl Server {
             })
             .collect::<io::Result<Vec<_>>>()?;
         // The workers started after `threads_before` was taken.
-        let warden = Warden::start(addr, threads_before.map(|n| n + workers.len()), served)?;
+        let warden = Warden::start(
+            addr,
+            threads_before.map(|n| n + workers.len()),
+            served,
+            shared.warden_stop.clone(),
+        )?;
         Ok(Server {
             shared,
             addr,

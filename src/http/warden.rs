@@ -62,10 +62,12 @@ impl Warden {
     /// Plugs the pool of the server at `addr`, whose tiny_http server was
     /// created when the process had `threads_before` threads; returns once the
     /// plugs are in. `served` counts the server's requests.
+    /// Setting `stop` (the server does, when it stops) ends the rotation.
     pub fn start(
         addr: SocketAddr,
         threads_before: Option<usize>,
         served: Arc<AtomicU64>,
+        stop: Arc<AtomicBool>,
     ) -> io::Result<Warden> {
         let target = loopback(addr);
         // The pool's threads count as idle only once they wait for work; a
@@ -90,7 +92,6 @@ impl Warden {
                 _ => continue,
             }
         }
-        let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = thread::Builder::new()
             .name("warden".into())
@@ -191,8 +192,10 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, sto
             match plug(target) {
                 Ok(p) => plugs.push(p),
                 Err(e) => {
-                    // Retried on the next tick.
-                    eprintln!("comfy-runners: warden could not reconnect: {e}");
+                    // Retried on the next tick; refused once the server stops.
+                    if !stop.load(Ordering::SeqCst) {
+                        eprintln!("comfy-runners: warden could not reconnect: {e}");
+                    }
                     break;
                 }
             }
