@@ -36,7 +36,7 @@ CREATE INDEX tokens_by_user ON tokens(user_id);
 -- The columns beside it are the ones the list filters and sorts on; they are
 -- written together with `doc` by the one module that writes runners.
 CREATE TABLE runners (
-    seq         INTEGER PRIMARY KEY,   -- insertion order
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order, never reused
     ord         INTEGER NOT NULL,      -- creation order: breaks created_at ties
     id          TEXT    NOT NULL UNIQUE,
     user_id     INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
@@ -50,7 +50,9 @@ CREATE TABLE runners (
 -- A runner created through the API gets ord = seq. An import of N runners
 -- appends them in file order (seq rising, so table pages fill densely) but
 -- gives them ord values falling through the same range, so that runners
--- created in the same second list back in the order of the file.
+-- created in the same second list back in the order of the file. Because
+-- AUTOINCREMENT never hands out a seq twice, even after deletes, a new
+-- runner's ord is above every ord given before it.
 CREATE INDEX runners_by_user        ON runners(user_id, created_at, ord);
 CREATE INDEX runners_by_user_status ON runners(user_id, status, created_at, ord);
 

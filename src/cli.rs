@@ -158,6 +158,10 @@ fn default_workers() -> usize {
 
 fn serve(path: &Path, listen: &str, workers: Option<u16>) -> Result<()> {
     let mut conn = db::open(path)?;
+    // Bind before anything else is printed or created: an address in use is
+    // one line, and must not spend the first start's token.
+    let listener = http::bind(listen)
+        .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))?;
     if let Some(secret) = tokens::bootstrap(&mut conn)? {
         eprintln!(
             "created user {} with API token (shown only this once):\n{}",
@@ -169,8 +173,6 @@ fn serve(path: &Path, listen: &str, workers: Option<u16>) -> Result<()> {
     let workers = workers.map_or_else(default_workers, usize::from);
     // One connection per worker, and one for bookkeeping after answers.
     let pool = db::pool(path, workers as u32 + 1)?;
-    let listener = http::bind(listen)
-        .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))?;
     let server = Server::start(listener, workers, Arc::new(App::new(pool)))?;
     eprintln!("listening on http://{}", server.addr());
 

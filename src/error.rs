@@ -14,6 +14,8 @@ pub enum Error {
     NotFound(&'static str),
     /// 405: with the methods the path does allow, for the `Allow` header.
     MethodNotAllowed(&'static str),
+    /// 408: the body did not arrive before the connection's idle timeout.
+    RequestTimeout,
     /// 413: the body is over the limit.
     PayloadTooLarge,
     /// 503: the database could not be reached or stayed locked.
@@ -37,6 +39,7 @@ impl Error {
             Error::Unauthorized => 401,
             Error::NotFound(_) => 404,
             Error::MethodNotAllowed(_) => 405,
+            Error::RequestTimeout => 408,
             Error::PayloadTooLarge => 413,
             Error::Unavailable(_) => 503,
             Error::Internal(_) => 500,
@@ -50,6 +53,7 @@ impl Error {
             Error::Unauthorized => "missing or invalid bearer token".into(),
             Error::NotFound(what) => (*what).into(),
             Error::MethodNotAllowed(allow) => format!("method not allowed; allowed: {allow}"),
+            Error::RequestTimeout => "the request body did not arrive in time".into(),
             Error::PayloadTooLarge => "request body must be at most 1 MiB".into(),
             Error::Unavailable(_) => "database unavailable, try again".into(),
             Error::Internal(_) => "internal error".into(),

@@ -155,13 +155,17 @@ pub fn check_endpoint(v: &Value) -> Result<String> {
     let bad = || Error::bad_request("endpoint must be an absolute http or https URL with a host");
     let s = v.as_str().ok_or_else(bad)?;
     // The URL parser forgives what a browser's address bar forgives (spaces,
-    // missing slashes, backslashes). An endpoint is stored exactly as given,
-    // so it must already be a proper absolute URL.
+    // missing or extra slashes, backslashes, stray characters). An endpoint
+    // is stored and returned exactly as given, so it must already be a proper
+    // absolute URL: RFC 3986 characters (non-ASCII is let through for
+    // international names), valid percent escapes, a non-empty authority.
     let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
-    if !(lower.starts_with("http://") || lower.starts_with("https://"))
-        || s.bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'\\')
-    {
+    let rest = match () {
+        _ if lower.starts_with("http://") => &s[7..],
+        _ if lower.starts_with("https://") => &s[8..],
+        _ => return Err(bad()),
+    };
+    if rest.is_empty() || rest.starts_with(['/', '?', '#']) || !uri_chars(s) {
         return Err(bad());
     }
     let url = url::Url::parse(s).map_err(|_| bad())?;
@@ -169,6 +173,19 @@ pub fn check_endpoint(v: &Value) -> Result<String> {
         Some(h) if !h.is_empty() => Ok(s.to_string()),
         _ => Err(bad()),
     }
+}
+
+/// Whether every character may stand in a URI (RFC 3986, plus non-ASCII
+/// letters), and every `%` starts an escape.
+fn uri_chars(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    s.char_indices().all(|(i, c)| match c {
+        '%' => bytes
+            .get(i + 1..i + 3)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)),
+        c if c.is_ascii() => c.is_ascii_alphanumeric() || "-._~:/?#[]@!$&'()*+,;=".contains(c),
+        c => !c.is_whitespace() && !c.is_control(),
+    })
 }
 
 pub fn check_tags(v: &Value) -> Result<Vec<String>> {
@@ -323,9 +340,20 @@ pub fn parse_id(s: &str) -> Result<String> {
 // ---------------------------------------------------------------------------
 // Single runners.
 
+/// The seq the next runner gets: one above any ever given (AUTOINCREMENT
+/// keeps that in sqlite_sequence), so also above every ord.
+macro_rules! next_seq {
+    () => {
+        "coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'runners'), 0) + 1"
+    };
+}
+
 /// A new runner: next in insertion order, and newest in creation order.
-const INSERT: &str = "INSERT INTO runners (seq, ord, id, user_id, status, created_at, doc)
-     SELECT next, next, ?1, ?2, ?3, ?4, ?5 FROM (SELECT coalesce(max(seq), 0) + 1 AS next FROM runners)";
+const INSERT: &str = concat!(
+    "INSERT INTO runners (seq, ord, id, user_id, status, created_at, doc) SELECT next, next, ?1, ?2, ?3, ?4, ?5 FROM (SELECT ",
+    next_seq!(),
+    " AS next)"
+);
 
 /// An imported runner, with its place in creation order given (see schema.sql).
 /// OR ROLLBACK: a duplicate id ends the whole import anyway, and saying so
@@ -544,6 +572,9 @@ pub fn list(conn: &Connection, owner: i64, q: &ListQuery, out: &mut Vec<u8>) -> 
 
 /// Writes every runner of `owner`, newest first, in the list's shape.
 pub fn export(conn: &Connection, owner: i64, w: &mut dyn Write) -> Result<i64> {
+    // One snapshot for the count and the rows, whatever the server writes meanwhile.
+    let tx = conn.unchecked_transaction()?;
+    let conn = &*tx;
     let total = count(conn, owner, None)?;
     let mut stmt = conn.prepare(PAGE_SQL[0][0])?;
     let mut rows = stmt.query(params![owner, -1, 0])?;
@@ -637,9 +668,7 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
         id: owner.id,
         uuid: &owner.uuid,
     };
-    let base: i64 = tx.query_row("SELECT coalesce(max(seq), 0) + 1 FROM runners", [], |r| {
-        r.get(0)
-    })?;
+    let base: i64 = tx.query_row(concat!("SELECT ", next_seq!()), [], |r| r.get(0))?;
     let top = base + n as i64 - 1;
     // Two stages on two threads: one parses, validates and renders, the
     // other inserts. A failure in either stops both.
@@ -902,6 +931,9 @@ mod tests {
             "HTTPS://Example.com/path?q=1#f",
             "http://[::1]:8188/",
             "http://user:pw@host",
+            "http://h/a%20b?c=d&e=f;g",
+            "http://bücher.example/",
+            "https://h:443/~x/(y)*,!$'",
         ] {
             assert_eq!(check_endpoint(&json!(ok)).unwrap(), ok);
         }
@@ -918,6 +950,15 @@ mod tests {
             "http:\\\\example.com",
             "mailto:a@b.c",
             "http://:80",
+            "http:///h",
+            "http:////h/x",
+            "http://h/\u{a0}x",
+            "http://h/%zz",
+            "http://h/%4",
+            "http://h/<x>",
+            "http://h/\"",
+            "http://h/{x}",
+            "http://?q",
         ] {
             assert!(check_endpoint(&json!(bad)).is_err(), "{bad:?} accepted");
         }

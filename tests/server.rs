@@ -430,3 +430,160 @@ fn totals_stay_exact_under_concurrent_writers_imports_and_kills() {
     );
     counts_match(&again.db());
 }
+
+#[test]
+fn slow_uploads_do_not_hold_the_workers() {
+    let s = Server::start();
+    // More stalled uploads than there are workers.
+    let stalled: Vec<TcpStream> = (0..12)
+        .map(|_| {
+            let mut c = TcpStream::connect(&s.addr).unwrap();
+            let head = format!(
+                "POST /v1/runner HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 5000\r\n\r\n{{",
+                s.token
+            );
+            c.write_all(head.as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(s.call("GET", "/healthz", None, None).status, 200);
+        assert_eq!(s.get("/v1/runner").status, 200);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(stalled);
+    healthy(&s);
+}
+
+#[test]
+fn sigterm_waits_for_a_small_body_whose_head_has_arrived() {
+    let s = Server::start();
+    let body = br#"{"name":"small","endpoint":"http://h"}"#;
+    let rq = http_request("POST", "/v1/runner", &s.token, body);
+    let split = rq.len() - 10;
+    let mut conn = TcpStream::connect(&s.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(&rq[..split]).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    s.signal("TERM");
+    thread::sleep(Duration::from_millis(100));
+    conn.write_all(&rq[split..]).unwrap();
+    let (status, _) = read_response(&mut conn).unwrap();
+    assert_eq!(status, 201);
+    let mut s = s;
+    assert!(s.wait().success());
+}
+
+#[test]
+fn an_absurd_content_length_gets_a_whole_answer_and_a_closed_connection() {
+    let s = Server::start();
+    for (auth, expect) in [
+        (format!("Authorization: Bearer {}\r\n", s.token), "413"),
+        (String::new(), "401"),
+    ] {
+        let rq = format!("POST /v1/runner HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 99999999999999\r\n\r\n{{}}");
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(rq.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut c, &mut got).expect("the server closes the connection");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(&format!("HTTP/1.1 {expect}")), "{text}");
+        assert!(text.contains("Content-Type: application/json"), "{text}");
+        let body = text.split("\r\n\r\n").nth(1).unwrap();
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["status"], expect.parse::<u16>().unwrap());
+    }
+    healthy(&s);
+}
+
+#[test]
+fn a_new_runner_lists_first_in_its_second_even_after_deletes() {
+    let s = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("i.json");
+    std::fs::write(&file, json!([{"name": "a0", "endpoint": "http://h"}, {"name": "a1", "endpoint": "http://h"}, {"name": "a2", "endpoint": "http://h"}]).to_string()).unwrap();
+    let out = s.cli(&[
+        "runner",
+        "import",
+        "--user",
+        "admin",
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let list = s.get("/v1/runner").json();
+    let ids: Vec<String> = list["runners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    // The last two inserted (a1, a2) go; a new one must still come first.
+    for id in &ids[1..] {
+        assert_eq!(s.delete(&format!("/v1/runner/{id}")).status, 204);
+    }
+    let x = s.create("x");
+    let list = s.get("/v1/runner").json();
+    let names: Vec<&str> = list["runners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    if x["created_at"] == list["runners"][1]["created_at"] {
+        assert_eq!(names, ["x", "a0"]);
+    }
+    assert_eq!(names[0], "x");
+}
+
+#[test]
+fn a_busy_address_on_a_new_database_spends_no_token() {
+    let s = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("new.db");
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--listen", &s.addr, "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let later = Server::start_in(dir, &[]);
+    assert!(
+        later.token.starts_with("cfc_"),
+        "the first real start still shows the token: {}",
+        later.stderr()
+    );
+}
+
+#[test]
+fn absolute_form_targets_and_token_use_on_unknown_paths() {
+    let s = Server::start();
+    let t = s.token_for("fay");
+    let rq = format!("GET http://{}/v1/nope HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n", s.addr);
+    let reply = String::from_utf8_lossy(&s.raw(rq.as_bytes(), Duration::from_secs(5))).to_string();
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    let rq = format!(
+        "GET http://{}/v1/user HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        s.addr
+    );
+    let reply = String::from_utf8_lossy(&s.raw(rq.as_bytes(), Duration::from_secs(5))).to_string();
+    assert!(
+        reply.starts_with("HTTP/1.1 401"),
+        "auth first, for absolute-form too: {reply}"
+    );
+    let out = s.cli(&["token", "list", "--json", "--user", "fay"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        list[0]["last_used_at"].is_string(),
+        "a 404 is a use of the token"
+    );
+}

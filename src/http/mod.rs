@@ -31,31 +31,42 @@ impl Handler for App {
     }
 }
 
-/// The paths of `/v1`.
-enum Route<'a> {
-    Runners,
-    Runner(&'a str),
+/// What a `/v1` request asks for: its path and method, resolved.
+enum Action<'a> {
+    List,
+    Create,
+    Get(&'a str),
+    Update(&'a str),
+    Delete(&'a str),
     User,
 }
 
-impl<'a> Route<'a> {
-    fn parse(path: &'a str) -> Result<Route<'a>> {
+impl<'a> Action<'a> {
+    /// 404 for an unknown path, 405 (with the allowed methods) for a known one.
+    fn resolve(path: &'a str, method: &str) -> Result<Action<'a>> {
+        let read = matches!(method, "GET" | "HEAD");
         match path {
-            "/v1/runner" => Ok(Route::Runners),
-            "/v1/user" => Ok(Route::User),
+            "/v1/runner" => match method {
+                _ if read => Ok(Action::List),
+                "POST" => Ok(Action::Create),
+                _ => Err(Error::MethodNotAllowed("GET, HEAD, POST")),
+            },
+            "/v1/user" if read => Ok(Action::User),
+            "/v1/user" => Err(Error::MethodNotAllowed("GET, HEAD")),
             _ => match path.strip_prefix("/v1/runner/") {
-                Some(id) if !id.is_empty() && !id.contains('/') => Ok(Route::Runner(id)),
+                Some(id) if !id.is_empty() && !id.contains('/') => match method {
+                    _ if read => Ok(Action::Get(id)),
+                    "PUT" => Ok(Action::Update(id)),
+                    "DELETE" => Ok(Action::Delete(id)),
+                    _ => Err(Error::MethodNotAllowed("GET, HEAD, PUT, DELETE")),
+                },
                 _ => Err(NO_SUCH_ENDPOINT),
             },
         }
     }
 
-    fn allow(&self) -> &'static str {
-        match self {
-            Route::Runners => "GET, HEAD, POST",
-            Route::Runner(_) => "GET, HEAD, PUT, DELETE",
-            Route::User => "GET, HEAD",
-        }
+    fn has_body(&self) -> bool {
+        matches!(self, Action::Create | Action::Update(_))
     }
 }
 
@@ -63,7 +74,7 @@ const NO_SUCH_ENDPOINT: Error = Error::NotFound("no such endpoint");
 
 impl App {
     fn route(&self, rq: &mut Incoming<'_>) -> Result<Reply> {
-        let url = rq.url();
+        let url = origin_form(rq.url());
         let (path, query) = url.split_once('?').unwrap_or((url, ""));
         let (path, query) = (path.to_string(), query.to_string());
         let method = rq.method();
@@ -76,14 +87,10 @@ impl App {
         if path != "/v1" && !path.starts_with("/v1/") {
             return Err(NO_SUCH_ENDPOINT);
         }
-
-        let mut conn = self.pool.get()?;
-        if !conn.is_autocommit() {
-            // Only a panic in a handler can leave a transaction open; never
-            // let it leak into the next request on this connection.
-            conn.execute_batch("ROLLBACK")?;
-        }
+        let action = Action::resolve(&path, method);
         let now = clock::now();
+
+        let mut conn = self.checkout()?;
         // A read runs its statements (token, count, page) in one read
         // transaction: one snapshot, and one acquisition of the WAL's read
         // lock instead of one per statement.
@@ -91,7 +98,27 @@ impl App {
         if reading {
             conn.prepare_cached("BEGIN")?.execute([])?;
         }
-        let outcome = self.dispatch(&mut conn, rq, &path, &query, method, now);
+        let authed = auth::authenticate(&conn, rq.header("Authorization"), now);
+        let mut reply = match (&authed, action) {
+            (Err(_), _) => None,
+            (Ok(_), Err(e)) => Some(Reply::error(&e)),
+            (Ok(authed), Ok(action)) => {
+                let body = if action.has_body() {
+                    // The body comes at the client's pace: wait for it
+                    // holding no database connection.
+                    drop(conn);
+                    let body = rq.body();
+                    conn = self.checkout()?;
+                    Some(body)
+                } else {
+                    None
+                };
+                let handled = body
+                    .transpose()
+                    .and_then(|b| handle(&mut conn, authed, action, &query, b, now));
+                Some(handled.unwrap_or_else(|e| Reply::error(&e)))
+            }
+        };
         if reading
             && conn
                 .prepare_cached("COMMIT")
@@ -100,12 +127,16 @@ impl App {
         {
             let _ = conn.execute_batch("ROLLBACK");
         }
-        let (authed, mut reply) = outcome?;
+        let authed = authed?;
+        let mut reply = reply
+            .take()
+            .unwrap_or_else(|| Reply::error(&Error::Unauthorized));
 
         match authed.touch_due(now) {
             Touch::No => {}
             Touch::Now => {
-                // A token's first use is on record before its answer is.
+                // A token's first use (even one answered 404) is on record
+                // before its answer is.
                 if let Err(e) = tokens::touch(&conn, authed.token, now) {
                     eprintln!("comfy-runners: recording a token's first use: {e}");
                 }
@@ -127,33 +158,15 @@ impl App {
         Ok(reply)
     }
 
-    /// Authentication, then the route, then the handler. The handler's errors
-    /// are turned into replies here; the ones returned are auth's and routing's.
-    fn dispatch(
-        &self,
-        conn: &mut rusqlite::Connection,
-        rq: &mut Incoming<'_>,
-        path: &str,
-        query: &str,
-        method: &str,
-        now: i64,
-    ) -> Result<(tokens::Authed, Reply)> {
-        let authed = auth::authenticate(conn, rq.header("Authorization"), now)?;
-        let route = Route::parse(path)?;
-        let reply = match (&route, method) {
-            (Route::Runners, "GET" | "HEAD") => runners::list(conn, &authed, query),
-            (Route::Runners, "POST") => rq
-                .body()
-                .and_then(|b| runners::create(conn, &authed, &b, now)),
-            (Route::Runner(id), "GET" | "HEAD") => runners::get(conn, &authed, id),
-            (Route::Runner(id), "PUT") => rq
-                .body()
-                .and_then(|b| runners::update(conn, &authed, id, &b, now)),
-            (Route::Runner(id), "DELETE") => runners::delete(conn, &authed, id),
-            (Route::User, "GET" | "HEAD") => user(conn, &authed),
-            (route, _) => Err(Error::MethodNotAllowed(route.allow())),
-        };
-        Ok((authed, reply.unwrap_or_else(|e| Reply::error(&e))))
+    /// A pooled connection, never inside a transaction.
+    fn checkout(&self) -> Result<crate::db::PooledConn> {
+        let conn = self.pool.get()?;
+        if !conn.is_autocommit() {
+            // Only a panic in a handler can leave a transaction open; never
+            // let it leak into the next request on this connection.
+            conn.execute_batch("ROLLBACK")?;
+        }
+        Ok(conn)
     }
 
     /// `GET /healthz`: 200 when the database answers a read of the file.
@@ -171,6 +184,42 @@ impl App {
     }
 }
 
+/// The path and query of a request target; an absolute-form target
+/// (`http://host/v1/user`, which HTTP/1.1 servers must accept) loses its
+/// scheme and authority.
+fn origin_form(target: &str) -> &str {
+    let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
+    let rest = match () {
+        _ if lower.starts_with("http://") => &target[7..],
+        _ if lower.starts_with("https://") => &target[8..],
+        _ => return target,
+    };
+    match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => &rest[i..],
+        _ => "/",
+    }
+}
+
+/// Runs one resolved action for an authenticated caller.
+fn handle(
+    conn: &mut rusqlite::Connection,
+    authed: &tokens::Authed,
+    action: Action<'_>,
+    query: &str,
+    body: Option<Vec<u8>>,
+    now: i64,
+) -> Result<Reply> {
+    let body = body.unwrap_or_default();
+    match action {
+        Action::List => runners::list(conn, authed, query),
+        Action::Create => runners::create(conn, authed, &body, now),
+        Action::Get(id) => runners::get(conn, authed, id),
+        Action::Update(id) => runners::update(conn, authed, id, &body, now),
+        Action::Delete(id) => runners::delete(conn, authed, id),
+        Action::User => user(conn, authed),
+    }
+}
+
 /// `GET /v1/user`.
 fn user(conn: &rusqlite::Connection, authed: &tokens::Authed) -> Result<Reply> {
     let u = tokens::user_by_id(conn, authed.user)?;
@@ -185,4 +234,18 @@ fn user(conn: &rusqlite::Connection, authed: &tokens::Authed) -> Result<Reply> {
         "updated_at": clock::format(u.updated_at),
     });
     Ok(Reply::json(200, body.to_string().into_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_form;
+
+    #[test]
+    fn absolute_form_targets() {
+        assert_eq!(origin_form("/v1/runner?page=2"), "/v1/runner?page=2");
+        assert_eq!(origin_form("http://h:8189/v1/user"), "/v1/user");
+        assert_eq!(origin_form("HTTPS://h/v1/runner?x=1"), "/v1/runner?x=1");
+        assert_eq!(origin_form("http://h"), "/");
+        assert_eq!(origin_form("*"), "*");
+    }
 }

@@ -16,7 +16,7 @@
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -33,9 +33,11 @@ pub const MAX_BODY: usize = 1 << 20;
 /// how long a slow client can hold a thread in the middle of a request).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How often an idle worker looks up from the queue, and how long the queue
-/// must stay empty during shutdown before the workers call it drained.
+/// How often an idle worker looks up from the queue.
 const POLL: Duration = Duration::from_millis(100);
+
+/// During shutdown, the queue is drained once it has stayed empty this long.
+const QUIET: Duration = Duration::from_millis(500);
 
 /// How long shutdown waits for requests in flight, at most.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
@@ -108,7 +110,10 @@ impl Incoming<'_> {
             .as_reader()
             .take(MAX_BODY as u64 + 1)
             .read_to_end(&mut body)
-            .map_err(|e| Error::BadRequest(format!("could not read the request body: {e}")))?;
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::RequestTimeout,
+                _ => Error::bad_request("the request body ended early or could not be read"),
+            })?;
         if body.len() > MAX_BODY {
             return Err(Error::PayloadTooLarge);
         }
@@ -193,6 +198,10 @@ struct Shared {
     served: Arc<AtomicU64>,
     /// Tells the warden to stop replacing its connections.
     warden_stop: Arc<AtomicBool>,
+    /// Requests being served on upload threads.
+    in_flight: AtomicUsize,
+    /// The port we listen on, to recognise our connections' sockets.
+    port: u16,
 }
 
 impl Shared {
@@ -209,12 +218,22 @@ impl Shared {
         let _ = SockRef::from(&self.listener).shutdown(std::net::Shutdown::Read);
     }
 
-    fn drain_over(&self) -> bool {
-        self.stopped_at
-            .lock()
-            .ok()
-            .and_then(|at| *at)
-            .is_some_and(|at| at.elapsed() >= DRAIN_LIMIT)
+    fn stopped_at(&self) -> Option<Instant> {
+        self.stopped_at.lock().ok().and_then(|at| *at)
+    }
+
+    /// Once stopping: whether a worker that last took a request at `last` is
+    /// done. It is when nothing has arrived for `QUIET` since the stop began
+    /// (tiny_http queues a request only once its head, and a small body, are
+    /// in), or when `DRAIN_LIMIT` is up.
+    fn drained(&self, last: Instant) -> bool {
+        if !self.stopping.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(at) = self.stopped_at() else {
+            return false;
+        };
+        at.elapsed() >= DRAIN_LIMIT || last.max(at).elapsed() >= QUIET
     }
 }
 
@@ -264,6 +283,8 @@ impl Server {
             failed: AtomicBool::new(false),
             served: served.clone(),
             warden_stop: Arc::new(AtomicBool::new(false)),
+            in_flight: AtomicUsize::new(0),
+            port: addr.port(),
         });
         let workers = (0..workers.max(1))
             .map(|i| {
@@ -302,47 +323,87 @@ impl Server {
         for w in self.workers {
             let _ = w.join();
         }
+        // Uploads still being received get what is left of the drain time.
+        while self.shared.in_flight.load(Ordering::SeqCst) > 0
+            && self
+                .shared
+                .stopped_at()
+                .is_some_and(|at| at.elapsed() < DRAIN_LIMIT)
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
         self.warden.stop();
         !self.shared.failed.load(Ordering::SeqCst)
     }
 }
 
-fn work(shared: &Shared) {
+fn work(shared: &Arc<Shared>) {
+    let mut last = Instant::now();
     loop {
-        let mut rq = match shared.http.recv_timeout(POLL) {
-            Ok(Some(rq)) => rq,
-            Ok(None) => {
-                if shared.stopping.load(Ordering::SeqCst) {
-                    // Nothing arrived for a whole poll: what was in flight is done.
-                    return;
+        match shared.http.recv_timeout(POLL) {
+            Ok(Some(rq)) => {
+                last = Instant::now();
+                match declared_length(&rq) {
+                    Some(n) if n > BELIEVABLE_BODY => serve(shared, rq),
+                    _ if body_on_socket(&rq) => slow_lane(shared, rq),
+                    _ => serve(shared, rq),
                 }
-                continue;
             }
+            Ok(None) => {}
             Err(e) => {
                 if !shared.stopping.load(Ordering::SeqCst) {
                     eprintln!("comfy-runners: cannot accept connections any more: {e}");
                     shared.failed.store(true, Ordering::SeqCst);
                     shared.stop();
                 }
-                continue;
             }
-        };
-        shared.served.fetch_add(1, Ordering::Relaxed);
-        let mut incoming = Incoming {
-            rq: &mut rq,
-            body_done: false,
-        };
-        let mut reply = catch_unwind(AssertUnwindSafe(|| shared.handler.handle(&mut incoming)))
-            .unwrap_or_else(|_| Reply::error(&Error::Internal("a handler panicked".into())));
-        let body_done = incoming.body_done;
-        let after = reply.after.take();
-        send(rq, reply, body_done);
-        if let Some(after) = after {
-            let _ = catch_unwind(AssertUnwindSafe(after));
         }
-        if shared.stopping.load(Ordering::SeqCst) && shared.drain_over() {
+        if shared.drained(last) {
             return;
         }
+    }
+}
+
+/// Whether tiny_http left this request's body on the socket: it reads a body
+/// of up to 1 KiB before it queues the request, and larger ones (and chunked
+/// ones) only as the handler reads them, at the client's pace.
+fn body_on_socket(rq: &tiny_http::Request) -> bool {
+    let chunked = rq
+        .headers()
+        .iter()
+        .any(|h| h.field.equiv("Transfer-Encoding"));
+    chunked || declared_length(rq).is_some_and(|n| n > TINY_HTTP_BUFFERED)
+}
+
+/// Serves a request whose body is still on its way on a thread of its own, so
+/// that slow uploads cannot take the workers from everyone else.
+fn slow_lane(shared: &Arc<Shared>, rq: tiny_http::Request) {
+    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let mine = shared.clone();
+    let spawned = thread::Builder::new().name("upload".into()).spawn(move || {
+        serve(&mine, rq);
+        mine.in_flight.fetch_sub(1, Ordering::SeqCst);
+    });
+    if spawned.is_err() {
+        // The request went down with the closure, answered 500 by tiny_http.
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        eprintln!("comfy-runners: no thread for an upload");
+    }
+}
+
+fn serve(shared: &Shared, mut rq: tiny_http::Request) {
+    shared.served.fetch_add(1, Ordering::Relaxed);
+    let mut incoming = Incoming {
+        rq: &mut rq,
+        body_done: false,
+    };
+    let mut reply = catch_unwind(AssertUnwindSafe(|| shared.handler.handle(&mut incoming)))
+        .unwrap_or_else(|_| Reply::error(&Error::Internal("a handler panicked".into())));
+    let body_done = incoming.body_done;
+    let after = reply.after.take();
+    send(rq, reply, body_done, shared.port);
+    if let Some(after) = after {
+        let _ = catch_unwind(AssertUnwindSafe(after));
     }
 }
 
@@ -353,7 +414,11 @@ fn header(name: &str, value: &str) -> tiny_http::Header {
 }
 
 /// The one place a response is written.
-fn send(rq: tiny_http::Request, reply: Reply, body_done: bool) {
+fn send(rq: tiny_http::Request, reply: Reply, body_done: bool, port: u16) {
+    let claimed = declared_length(&rq).unwrap_or(0);
+    if claimed > BELIEVABLE_BODY && !body_done {
+        return abandon(rq, &reply, port);
+    }
     // Always a Content-Length: tiny_http would switch larger bodies to chunked.
     let mut response = tiny_http::Response::from_data(reply.body)
         .with_status_code(reply.status)
@@ -367,23 +432,66 @@ fn send(rq: tiny_http::Request, reply: Reply, body_done: bool) {
     if reply.challenge {
         response.add_header(header("WWW-Authenticate", "Bearer"));
     }
-    let unread = match declared_length(&rq) {
-        Some(n) if n > TINY_HTTP_BUFFERED && !body_done => n,
-        _ => 0,
-    };
-    if unread == 0 {
-        let _ = rq.respond(response);
-    } else if unread <= BELIEVABLE_BODY {
-        // Dropping the request reads the rest of its body; a slow client must
-        // not hold a worker for that, so answer from a thread of its own.
-        let _ = thread::Builder::new().name("drain".into()).spawn(move || {
-            let _ = rq.respond(response);
-        });
-    } else {
-        // Dropping this request would allocate its claimed size at once and
-        // abort the process. Answer it, and keep its reader from ever being
-        // dropped; the connection (which cannot carry another request after
-        // such a claim anyway) stays with tiny_http until the process ends.
-        std::mem::forget(rq.upgrade("none", response));
+    // A body left unread is read and thrown away as the request drops; that
+    // only happens on an upload thread (see `slow_lane`).
+    let _ = rq.respond(response);
+}
+
+/// Answers a request that claims a body beyond `BELIEVABLE_BODY` without ever
+/// dropping it: tiny_http would allocate the claimed size at once to read the
+/// rest, and an allocation that large aborts the process. The answer is
+/// written straight to the connection's socket with `Connection: close`, the
+/// socket is shut down, and the request (with the thread tiny_http gave its
+/// connection) is left to the end of the process.
+fn abandon(rq: tiny_http::Request, reply: &Reply, port: u16) {
+    let reason = tiny_http::StatusCode(reply.status).default_reason_phrase();
+    let mut head = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reply.status,
+        reply.body.len()
+    );
+    if let Some(allow) = reply.allow {
+        head.push_str(&format!("Allow: {allow}\r\n"));
     }
+    if reply.challenge {
+        head.push_str("WWW-Authenticate: Bearer\r\n");
+    }
+    head.push_str("\r\n");
+    let peer = rq.remote_addr().copied();
+    match peer.and_then(|p| socket_of(p, port)) {
+        Some(fd) => {
+            // SAFETY: `fd` belongs to the connection of `rq`, which holds it
+            // open, and `rq` is never dropped (below), so it stays open.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let sock = SockRef::from(&fd);
+            let _ = sock
+                .send(head.as_bytes())
+                .and_then(|_| sock.send(&reply.body));
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+        None => eprintln!("comfy-runners: could not find the socket of {peer:?} to answer it"),
+    }
+    std::mem::forget(rq);
+}
+
+/// The file descriptor of this process's TCP connection from `peer` to our
+/// `port`, found through /proc/self/fd (Linux).
+fn socket_of(peer: SocketAddr, port: u16) -> Option<std::os::fd::RawFd> {
+    let fds = std::fs::read_dir("/proc/self/fd").ok()?;
+    fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .find(|&fd: &std::os::fd::RawFd| {
+            // SAFETY: only the socket addresses are queried; a descriptor that
+            // closed since the listing answers EBADF, and a reused one is
+            // compared like any other and does not match.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let sock = SockRef::from(&fd);
+            let peer_ok = sock.peer_addr().ok().and_then(|a| a.as_socket()) == Some(peer);
+            peer_ok
+                && sock
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .map(|a| a.port())
+                    == Some(port)
+        })
 }
