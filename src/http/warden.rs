@@ -24,9 +24,13 @@
 //!   requests flow (and for a while after) the warden replaces its plugs
 //!   every `BUSY_TICK`: closing a plug ends its thread's task, and a pool
 //!   thread whose task ends takes the oldest queued connection before it goes
-//!   idle. Queued connections are therefore served within a few ticks. When nothing
-//!   is queued the freed thread goes idle and is at once taken again by the
-//!   replacement plug, so rotating costs nothing in the healthy state.
+//!   idle. Queued connections are therefore served within a few ticks. When
+//!   nothing is queued the freed thread goes idle and is at once taken again
+//!   by a replacement plug, so rotating costs little in the healthy state.
+//! - Once requests stop, rotation stops too (it would only free threads), and
+//!   each plug sends a request now and then so that the server's idle timeout
+//!   never closes it. Threads freed by departed clients expire after 5 s, so a
+//!   server that has gone quiet is again as a fresh one.
 //!
 //! The plugs send `GET /.warden`, answered 404 without touching the database.
 
@@ -45,9 +49,9 @@ const MAX_PLUGS: usize = 16;
 const BUSY_TICK: Duration = Duration::from_millis(50);
 /// "Flowing": a request other than a plug's was served this recently.
 const BUSY_FOR: Duration = Duration::from_secs(2);
-/// And while the server is idle (well within the server's idle timeout, so
-/// the server never closes a plug itself).
-const IDLE_EVERY: Duration = Duration::from_secs(1);
+/// While quiet, how often each plug sends a request, well within the
+/// server's idle timeout so that the server never closes a plug itself.
+const PING_EVERY: Duration = Duration::from_secs(20);
 /// A freed pool thread takes well under this to get back to the queue.
 const SETTLE: Duration = Duration::from_millis(1);
 
@@ -84,7 +88,7 @@ impl Warden {
         let mut plugs = Vec::with_capacity(POOL_THREADS + 1);
         while plugs.len() < MAX_PLUGS {
             let before = threads();
-            plugs.push(plug(target)?);
+            plugs.push(plug(target, true)?);
             match (before, threads()) {
                 (Some(b), Some(a)) if a > b => break,
                 (Some(_), Some(_)) => continue,
@@ -129,29 +133,47 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// A connection to the server that has been answered once, so that a pool
-/// thread is known to hold it.
-fn plug(target: SocketAddr) -> io::Result<TcpStream> {
+/// A connection to the server holding a pool thread. At start-up it is
+/// answered once before the next is opened, so that each is known to hold its
+/// own thread; a plug whose answer does not come is kept all the same (it is
+/// queued, and will hold the thread that eventually takes it). Replacements
+/// are not waited for: a queued one must not hold up the warden.
+fn plug(target: SocketAddr, confirm: bool) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
     s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(1)))?;
     s.write_all(PLUG_REQUEST)?;
-    // Read the whole answer, so the connection is clean. A plug whose answer
-    // does not come is kept all the same: it is queued, and will hold the
-    // thread that eventually takes it.
-    let mut buf = [0u8; 1024];
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-        if response_complete(&got) {
-            break;
+    if confirm {
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut got = Vec::new();
+        while Instant::now() < deadline && !response_complete(&got) && read_some(&mut s, &mut got) {
         }
     }
     Ok(s)
+}
+
+/// Reads what is there into `got`; false at end of stream, error or timeout.
+fn read_some(s: &mut TcpStream, got: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 1024];
+    match s.read(&mut buf) {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            got.extend_from_slice(&buf[..n]);
+            true
+        }
+    }
+}
+
+/// Sends another request on an idle plug, so that the server's idle timeout
+/// never closes it (which would free its thread), and reads away what the
+/// plug has been answered so far.
+fn ping(s: &mut TcpStream) -> bool {
+    let mut got = Vec::new();
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    s.write_all(PLUG_REQUEST).is_ok() && {
+        while read_some(s, &mut got) {}
+        true
+    }
 }
 
 fn response_complete(got: &[u8]) -> bool {
@@ -170,26 +192,35 @@ fn response_complete(got: &[u8]) -> bool {
 fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, stop: &AtomicBool) {
     let want = plugs.len();
     let mut seen = served.load(Ordering::Relaxed);
-    let mut last = Instant::now();
-    let mut last_busy = Instant::now();
+    let mut last_busy = Instant::now() - BUSY_FOR;
+    let mut last_ping = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         thread::park_timeout(BUSY_TICK);
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         let now_served = served.load(Ordering::Relaxed);
-        // More than our own plugs' requests since the last rotation.
+        // More than our own plugs' requests since the last tick.
         if now_served > seen + want as u64 {
             last_busy = Instant::now();
         }
         seen = now_served;
-        let busy = last_busy.elapsed() < BUSY_FOR;
-        if !(busy || last.elapsed() >= IDLE_EVERY) || stop.load(Ordering::SeqCst) {
-            continue;
+        if last_busy.elapsed() >= BUSY_FOR {
+            // Quiet: rotating would only free threads. Keep the plugs alive.
+            if last_ping.elapsed() >= PING_EVERY {
+                plugs.retain_mut(ping);
+                last_ping = Instant::now();
+            }
+            if plugs.len() == want {
+                continue;
+            }
         }
         // Close them all, so that each freed thread can take a queued
         // connection, then let the freed threads settle and plug them again.
         plugs.clear();
         thread::sleep(SETTLE);
         while plugs.len() < want {
-            match plug(target) {
+            match plug(target, false) {
                 Ok(p) => plugs.push(p),
                 Err(e) => {
                     // Retried on the next tick; refused once the server stops.
@@ -200,7 +231,6 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, sto
                 }
             }
         }
-        seen = served.load(Ordering::Relaxed);
-        last = Instant::now();
+        last_ping = Instant::now();
     }
 }
