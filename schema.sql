@@ -1,4 +1,4 @@
--- comfy-runners schema, version 1.
+-- comfy-runners schema, version 2.
 --
 -- This file is the single source of the schema: the binary embeds it, applies
 -- it to a new database and records the version in PRAGMA user_version. A later
@@ -66,10 +66,20 @@ CREATE TABLE runner_counts (
     PRIMARY KEY (user_id, status)
 ) WITHOUT ROWID;
 
+-- The triggers never use an upsert (INSERT ... ON CONFLICT DO UPDATE): its
+-- DO UPDATE part can abort a statement whatever the statement's own conflict
+-- clause says, and a statement that may abort halfway must keep a journal of
+-- every page it touches. Written as below, an `INSERT OR ROLLBACK` into
+-- runners (the import) needs no statement journal at all. (Version 1 used
+-- upserts; migration 2 in src/db.rs replaces them with these.)
 CREATE TRIGGER runners_count_insert AFTER INSERT ON runners
 BEGIN
-    INSERT INTO runner_counts (user_id, status, n) VALUES (NEW.user_id, NEW.status, 1)
-        ON CONFLICT (user_id, status) DO UPDATE SET n = n + 1;
+    INSERT INTO runner_counts (user_id, status, n)
+        SELECT NEW.user_id, NEW.status, 0
+        WHERE NOT EXISTS (SELECT 1 FROM runner_counts
+                          WHERE user_id = NEW.user_id AND status = NEW.status);
+    UPDATE runner_counts SET n = n + 1
+        WHERE user_id = NEW.user_id AND status = NEW.status;
 END;
 
 CREATE TRIGGER runners_count_delete AFTER DELETE ON runners
@@ -83,6 +93,10 @@ CREATE TRIGGER runners_count_update AFTER UPDATE OF user_id, status ON runners
 BEGIN
     UPDATE runner_counts SET n = n - 1
         WHERE user_id = OLD.user_id AND status = OLD.status;
-    INSERT INTO runner_counts (user_id, status, n) VALUES (NEW.user_id, NEW.status, 1)
-        ON CONFLICT (user_id, status) DO UPDATE SET n = n + 1;
+    INSERT INTO runner_counts (user_id, status, n)
+        SELECT NEW.user_id, NEW.status, 0
+        WHERE NOT EXISTS (SELECT 1 FROM runner_counts
+                          WHERE user_id = NEW.user_id AND status = NEW.status);
+    UPDATE runner_counts SET n = n + 1
+        WHERE user_id = NEW.user_id AND status = NEW.status;
 END;

@@ -18,12 +18,39 @@ pub type PooledConn = r2d2::PooledConnection<SqliteConnectionManager>;
 const SCHEMA: &str = include_str!("../schema.sql");
 
 /// The version `SCHEMA` describes; kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Steps that move a database from version N-1 to N, for N > 1, in order:
-/// `MIGRATIONS[i]` takes version `i + 1` to `i + 2`. Version 1 is the first
-/// release, so there are none yet; a new schema.sql comes with a step here.
-const MIGRATIONS: &[&str] = &[];
+/// `MIGRATIONS[i]` takes version `i + 1` to `i + 2`. Each runs inside the
+/// transaction that also sets the new version, so a step happens whole or not
+/// at all. A step is frozen once released: it says what that version was.
+const MIGRATIONS: &[&str] = &[
+    // 2: the count triggers without upserts (see schema.sql); the counts
+    // themselves are unchanged.
+    "DROP TRIGGER runners_count_insert;
+     DROP TRIGGER runners_count_update;
+     CREATE TRIGGER runners_count_insert AFTER INSERT ON runners
+     BEGIN
+         INSERT INTO runner_counts (user_id, status, n)
+             SELECT NEW.user_id, NEW.status, 0
+             WHERE NOT EXISTS (SELECT 1 FROM runner_counts
+                               WHERE user_id = NEW.user_id AND status = NEW.status);
+         UPDATE runner_counts SET n = n + 1
+             WHERE user_id = NEW.user_id AND status = NEW.status;
+     END;
+     CREATE TRIGGER runners_count_update AFTER UPDATE OF user_id, status ON runners
+         WHEN OLD.user_id IS NOT NEW.user_id OR OLD.status IS NOT NEW.status
+     BEGIN
+         UPDATE runner_counts SET n = n - 1
+             WHERE user_id = OLD.user_id AND status = OLD.status;
+         INSERT INTO runner_counts (user_id, status, n)
+             SELECT NEW.user_id, NEW.status, 0
+             WHERE NOT EXISTS (SELECT 1 FROM runner_counts
+                               WHERE user_id = NEW.user_id AND status = NEW.status);
+         UPDATE runner_counts SET n = n + 1
+             WHERE user_id = NEW.user_id AND status = NEW.status;
+     END;",
+];
 
 /// How long a statement waits for another writer (the CLI, another worker)
 /// before giving up with SQLITE_BUSY.

@@ -658,10 +658,39 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
         Some(Some(id)) if owners.len() == 1 => Some(id.as_str()),
         _ => None,
     };
-    // A bulk load touches the id index all over; give this one connection a
-    // cache that holds it (the pool's connections stay small).
+    // Settings for the bulk load, put back afterwards whatever happens:
+    // - a page cache that holds the id index, which the load touches all over
+    //   (the pool's connections keep their small one);
+    // - temporary b-trees in memory;
+    // - no foreign key checks. Every row names the owner that this very
+    //   transaction has just found or created, so the check can never fail,
+    //   and with it on, SQLite must keep a statement journal (a copy of every
+    //   page each insert touches, in case the check aborts the insert), which
+    //   cost a tenth of the whole import.
+    let saved: (i64, i64, bool) = conn.query_row(
+        "SELECT cache_size, temp_store, foreign_keys FROM pragma_cache_size, pragma_temp_store, pragma_foreign_keys",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     conn.pragma_update(None, "cache_size", -IMPORT_CACHE_KIB)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "foreign_keys", false)?;
+    let loaded = load(conn, user, wanted, n, input, now);
+    conn.pragma_update(None, "cache_size", saved.0)?;
+    conn.pragma_update(None, "temp_store", saved.1)?;
+    conn.pragma_update(None, "foreign_keys", saved.2)?;
+    loaded
+}
+
+/// The transaction of `import`, for `n` runners.
+fn load(
+    conn: &mut Connection,
+    user: &str,
+    wanted: Option<&str>,
+    n: usize,
+    input: &[u8],
+    now: i64,
+) -> Result<usize> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let owner = crate::tokens::ensure_user_with_id(&tx, user, wanted)?;
     let owner = Owner {
@@ -672,7 +701,7 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
     let top = base + n as i64 - 1;
     // Two stages on two threads: one parses, validates and renders, the
     // other inserts. A failure in either stops both.
-    let (rows_tx, rows_rx) = mpsc::sync_channel::<Result<Vec<(usize, Runner, String)>>>(8);
+    let (rows_tx, rows_rx) = mpsc::sync_channel::<Result<Batch>>(8);
     let owner_uuid = owner.uuid.to_string();
     let inserted = thread::scope(|scope| -> Result<usize> {
         scope.spawn(move || {
@@ -680,19 +709,17 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
                 id: owner.id,
                 uuid: &owner_uuid,
             };
-            let mut batch = Vec::with_capacity(IMPORT_BATCH);
+            let mut batch = Batch::default();
             let parsed = for_each_runner::<Value>(input, &mut |i, value| {
                 let Value::Object(map) = value else {
                     return Err(numbered(i, Error::bad_request("must be a JSON object")));
                 };
                 let runner = imported(&map, owner, now).map_err(|e| numbered(i, e))?;
-                let doc = runner.render()?;
-                batch.push((i, runner, doc));
-                if batch.len() == IMPORT_BATCH {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(IMPORT_BATCH));
+                batch.push(i, &runner)?;
+                if batch.rows.len() == IMPORT_BATCH {
                     // The inserting side has stopped: so do we.
                     rows_tx
-                        .send(Ok(full))
+                        .send(Ok(std::mem::take(&mut batch)))
                         .map_err(|_| Error::Internal("import stopped".into()))?;
                 }
                 Ok(())
@@ -701,25 +728,19 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
         });
         let mut insert = tx.prepare(IMPORT)?;
         let mut seen = 0usize;
-        for rows in rows_rx {
-            for (i, runner, doc) in rows? {
-                let (seq, ord) = (base + i as i64, top - i as i64);
-                let status = runner.status.as_str();
-                match insert.execute(params![
-                    seq,
-                    ord,
-                    runner.id,
-                    owner.id,
-                    status,
-                    runner.created_at,
-                    doc
-                ]) {
+        for batch in rows_rx {
+            let batch = batch?;
+            for row in &batch.rows {
+                let (id, doc) = batch.texts(row)?;
+                let (seq, ord) = (base + row.i as i64, top - row.i as i64);
+                let status = row.status.as_str();
+                match insert.execute(params![seq, ord, id, owner.id, status, row.created_at, doc]) {
                     Err(e)
                         if e.sqlite_error_code()
                             == Some(rusqlite::ErrorCode::ConstraintViolation) =>
                     {
-                        let dup = Error::BadRequest(format!("id {} already exists", runner.id));
-                        return Err(numbered(i, dup));
+                        let dup = Error::BadRequest(format!("id {id} already exists"));
+                        return Err(numbered(row.i, dup));
                     }
                     other => other?,
                 };
@@ -735,6 +756,57 @@ pub fn import(conn: &mut Connection, user: &str, input: &[u8], now: i64) -> Resu
     }
     tx.commit()?;
     Ok(n)
+}
+
+/// Runners on their way from the parsing thread of an import to the
+/// inserting one: just what the insert binds, the texts of all of them in one
+/// buffer. (Handing over each runner's own strings made the two threads fight
+/// over the allocator's lock, one allocating, the other freeing.)
+#[derive(Default)]
+struct Batch {
+    text: Vec<u8>,
+    rows: Vec<BatchRow>,
+}
+
+struct BatchRow {
+    /// The runner's place in the file, from 0.
+    i: usize,
+    status: Status,
+    created_at: i64,
+    /// `text[start..mid]` is the id, `text[mid..end]` the document.
+    start: usize,
+    mid: usize,
+    end: usize,
+}
+
+impl Batch {
+    fn push(&mut self, i: usize, runner: &Runner) -> Result<()> {
+        if self.rows.is_empty() {
+            self.rows.reserve(IMPORT_BATCH);
+        }
+        let start = self.text.len();
+        self.text.extend_from_slice(runner.id.as_bytes());
+        let mid = self.text.len();
+        serde_json::to_writer(&mut self.text, runner)
+            .map_err(|e| Error::Internal(format!("rendering a runner: {e}")))?;
+        self.rows.push(BatchRow {
+            i,
+            status: runner.status,
+            created_at: runner.created_at,
+            start,
+            mid,
+            end: self.text.len(),
+        });
+        Ok(())
+    }
+
+    fn texts(&self, row: &BatchRow) -> Result<(&str, &str)> {
+        let text = |range: std::ops::Range<usize>| {
+            std::str::from_utf8(&self.text[range])
+                .map_err(|e| Error::Internal(format!("rendered runner is not UTF-8: {e}")))
+        };
+        Ok((text(row.start..row.mid)?, text(row.mid..row.end)?))
+    }
 }
 
 /// An error about runner `i` (0-based) of an import.
@@ -1099,5 +1171,32 @@ mod tests {
         for bad in [&b"{}"[..], b"5", b"[", b"{\"runners\": 1}", b"[] x"] {
             assert!(for_each_runner::<IgnoredAny>(bad, &mut |_, _| Ok(())).is_err());
         }
+    }
+
+    #[test]
+    fn import_puts_the_connection_settings_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::db::open(&dir.path().join("x.db")).unwrap();
+        let settings = |c: &Connection| -> (i64, i64, bool) {
+            c.query_row(
+                "SELECT cache_size, temp_store, foreign_keys FROM pragma_cache_size, pragma_temp_store, pragma_foreign_keys",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+        };
+        let before = settings(&conn);
+        assert!(before.2, "foreign keys are on");
+        let good =
+            br#"[{"name": "a", "endpoint": "http://h"}, {"name": "b", "endpoint": "http://h"}]"#;
+        assert_eq!(import(&mut conn, "alice", good, 1).unwrap(), 2);
+        assert_eq!(settings(&conn), before);
+        let bad = br#"[{"name": "c", "endpoint": "http://h"}, {"name": ""}]"#;
+        assert!(import(&mut conn, "alice", bad, 1).is_err());
+        assert_eq!(settings(&conn), before);
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM runners", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2, "the failed import left nothing behind");
     }
 }

@@ -431,6 +431,130 @@ fn totals_stay_exact_under_concurrent_writers_imports_and_kills() {
     counts_match(&again.db());
 }
 
+/// The count triggers as schema version 1 wrote them.
+const V1_TRIGGERS: &str = "
+    DROP TRIGGER runners_count_insert;
+    DROP TRIGGER runners_count_update;
+    CREATE TRIGGER runners_count_insert AFTER INSERT ON runners
+    BEGIN
+        INSERT INTO runner_counts (user_id, status, n) VALUES (NEW.user_id, NEW.status, 1)
+            ON CONFLICT (user_id, status) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER runners_count_update AFTER UPDATE OF user_id, status ON runners
+        WHEN OLD.user_id IS NOT NEW.user_id OR OLD.status IS NOT NEW.status
+    BEGIN
+        UPDATE runner_counts SET n = n - 1
+            WHERE user_id = OLD.user_id AND status = OLD.status;
+        INSERT INTO runner_counts (user_id, status, n) VALUES (NEW.user_id, NEW.status, 1)
+            ON CONFLICT (user_id, status) DO UPDATE SET n = n + 1;
+    END;
+    PRAGMA user_version = 1;
+";
+
+/// `(user_version, the triggers' SQL with whitespace collapsed)` of a file.
+fn schema_of(db: &std::path::Path) -> (i64, Vec<String>) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let version = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    let triggers = conn
+        .prepare("SELECT sql FROM sqlite_schema WHERE type = 'trigger' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|sql| {
+            sql.unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    (version, triggers)
+}
+
+#[test]
+fn a_version_1_database_is_migrated_and_its_counts_stay_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("test.db");
+    let file = dir.path().join("import.json");
+    let batch: Vec<Value> = (0..30)
+        .map(|i| json!({"name": format!("old{i}"), "endpoint": "http://h", "status": if i % 3 == 0 { "disabled" } else { "active" }}))
+        .collect();
+    std::fs::write(&file, Value::from(batch).to_string()).unwrap();
+    let import = |user: &str| {
+        let out = common::cli(
+            &db,
+            &["runner", "import", "--user", user, file.to_str().unwrap()],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    import("alice");
+    let current = schema_of(&db);
+    assert_eq!(current.0, 2);
+    // Versions 1 and 2 differ only in the count triggers: put back version 1's.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(V1_TRIGGERS)
+        .unwrap();
+    let old = schema_of(&db);
+    assert_eq!(old.0, 1);
+    assert_ne!(old.1, current.1);
+
+    // Any command moves the file to version 2, with the triggers a new file gets.
+    import("bob");
+    assert_eq!(schema_of(&db), current);
+    counts_match(&db);
+
+    // And the migrated triggers keep the counts through every kind of write.
+    let s = Server::start_in(dir, &[]);
+    let alice = s.token_for("alice");
+    let page = s
+        .call("GET", "/v1/runner?per_page=100", Some(&alice), None)
+        .json();
+    assert_eq!(page["total"], 30);
+    for r in page["runners"].as_array().unwrap().iter().take(6) {
+        let id = r["id"].as_str().unwrap();
+        let flipped = if r["status"] == "active" {
+            "disabled"
+        } else {
+            "active"
+        };
+        let body = json!({"status": flipped}).to_string();
+        let put = s.call(
+            "PUT",
+            &format!("/v1/runner/{id}"),
+            Some(&alice),
+            Some(body.as_bytes()),
+        );
+        assert_eq!(put.status, 200, "{}", put.text());
+    }
+    let gone = page["runners"][10]["id"].as_str().unwrap();
+    assert_eq!(
+        s.call("DELETE", &format!("/v1/runner/{gone}"), Some(&alice), None)
+            .status,
+        204
+    );
+    let body = json!({"name": "new", "endpoint": "http://h", "status": "disabled"}).to_string();
+    assert_eq!(
+        s.call("POST", "/v1/runner", Some(&alice), Some(body.as_bytes()))
+            .status,
+        201
+    );
+    counts_match(&s.db());
+    let total = |q: &str| {
+        s.call("GET", &format!("/v1/runner{q}"), Some(&alice), None)
+            .json()["total"]
+            .as_i64()
+            .unwrap()
+    };
+    assert_eq!(total(""), 30);
+    assert_eq!(total("?status=active") + total("?status=disabled"), 30);
+}
+
 #[test]
 fn slow_uploads_do_not_hold_the_workers() {
     let s = Server::start();
