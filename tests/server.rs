@@ -230,6 +230,13 @@ fn bursts_right_after_other_connections_closed_are_served_too() {
         // Connections that just closed leave idle pool threads behind.
         assert_all_served(&burst(&s, 16), &format!("round {round}, 16"));
         assert_all_served(&burst(&s, 64), &format!("round {round}, 64"));
+        // One connection, closed just before a burst (what wrk does).
+        let mut one = TcpStream::connect(&s.addr).unwrap();
+        one.write_all(&http_request("GET", "/healthz", "", b""))
+            .unwrap();
+        assert_eq!(read_response(&mut one).unwrap().0, 200);
+        drop(one);
+        assert_all_served(&burst(&s, 64), &format!("round {round}, after one"));
     }
 }
 

@@ -20,13 +20,18 @@
 //!   proof that no idle thread is left. On a fresh server every new
 //!   connection then gets a thread of its own at once.
 //! - Threads freed when clients disconnect idle for 5 s and can let a burst
-//!   in that window queue a few connections behind busy ones again. While
-//!   requests flow (and for a while after) the warden replaces its plugs
-//!   every `BUSY_TICK`: closing a plug ends its thread's task, and a pool
-//!   thread whose task ends takes the oldest queued connection before it goes
-//!   idle. Queued connections are therefore served within a few ticks. When
-//!   nothing is queued the freed thread goes idle and is at once taken again
-//!   by a replacement plug, so rotating costs little in the healthy state.
+//!   in that window queue connections behind busy ones again (a client that
+//!   opens one connection, closes it and then opens many does exactly this;
+//!   wrk is one). While requests flow (and for a while after) the warden
+//!   replaces its plugs every `BUSY_TICK`: closing a plug ends its thread's
+//!   task, and a pool thread whose task ends takes the oldest queued
+//!   connection before it goes idle. When nothing is queued the freed thread
+//!   goes idle and is at once taken again by a replacement plug, so rotating
+//!   costs little in the healthy state. When something was queued, the freed
+//!   threads went to it, so the replacements find no idle thread and the pool
+//!   starts new threads for them: the process gains threads. That is the sign
+//!   of a backlog, and the warden rotates again at once, draining the queue a
+//!   few connections per round in milliseconds rather than per tick.
 //! - Once requests stop, rotation stops too (it would only free threads), and
 //!   each plug sends a request now and then so that the server's idle timeout
 //!   never closes it. Threads freed by departed clients expire after 5 s, so a
@@ -46,7 +51,12 @@ const POOL_THREADS: usize = 4;
 /// Plugs at most (a bound, in case thread counts cannot be read).
 const MAX_PLUGS: usize = 16;
 /// How often the plugs are replaced while requests are flowing.
-const BUSY_TICK: Duration = Duration::from_millis(50);
+const BUSY_TICK: Duration = Duration::from_millis(20);
+/// Rotations in a row while a backlog lasts, at most, before the next tick.
+const FAST_ROUNDS: u32 = 32;
+/// How long replacement plugs may take to be answered; a plug answered later
+/// is queued, which means a backlog too.
+const ANSWER_WITHIN: Duration = Duration::from_millis(5);
 /// "Flowing": a request other than a plug's was served this recently.
 const BUSY_FOR: Duration = Duration::from_secs(2);
 /// While quiet, how often each plug sends a request, well within the
@@ -137,7 +147,7 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
 /// answered once before the next is opened, so that each is known to hold its
 /// own thread; a plug whose answer does not come is kept all the same (it is
 /// queued, and will hold the thread that eventually takes it). Replacements
-/// are not waited for: a queued one must not hold up the warden.
+/// are opened together and then waited for briefly (`answered`).
 fn plug(target: SocketAddr, confirm: bool) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
     s.set_nodelay(true)?;
@@ -162,6 +172,25 @@ fn read_some(s: &mut TcpStream, got: &mut Vec<u8>) -> bool {
             true
         }
     }
+}
+
+/// Whether every plug has been answered within `within` (reading the answers
+/// away, so that closing a plug later is an orderly close).
+fn answered(plugs: &mut [TcpStream], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    plugs.iter_mut().all(|s| {
+        let mut got = Vec::new();
+        loop {
+            if response_complete(&got) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || s.set_read_timeout(Some(left)).is_err() || !read_some(s, &mut got)
+            {
+                return false;
+            }
+        }
+    })
 }
 
 /// Sends another request on an idle plug, so that the server's idle timeout
@@ -192,22 +221,28 @@ fn response_complete(got: &[u8]) -> bool {
 fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, stop: &AtomicBool) {
     let want = plugs.len();
     let mut seen = served.load(Ordering::Relaxed);
+    // Requests of our own plugs since `seen` was read.
+    let mut own = 0u64;
     let mut last_busy = Instant::now() - BUSY_FOR;
     let mut last_ping = Instant::now();
+    // Rotations in a row so far because of a backlog.
+    let mut fast = 0u32;
     while !stop.load(Ordering::SeqCst) {
-        thread::park_timeout(BUSY_TICK);
+        if fast == 0 {
+            thread::park_timeout(BUSY_TICK);
+        }
         if stop.load(Ordering::SeqCst) {
             break;
         }
         let now_served = served.load(Ordering::Relaxed);
-        // More than our own plugs' requests since the last tick.
-        if now_served > seen + want as u64 {
+        if now_served > seen + own {
             last_busy = Instant::now();
         }
-        seen = now_served;
-        if last_busy.elapsed() >= BUSY_FOR {
+        (seen, own) = (now_served, 0);
+        if fast == 0 && last_busy.elapsed() >= BUSY_FOR {
             // Quiet: rotating would only free threads. Keep the plugs alive.
             if last_ping.elapsed() >= PING_EVERY {
+                own += plugs.len() as u64;
                 plugs.retain_mut(ping);
                 last_ping = Instant::now();
             }
@@ -217,6 +252,7 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, sto
         }
         // Close them all, so that each freed thread can take a queued
         // connection, then let the freed threads settle and plug them again.
+        let before = threads();
         plugs.clear();
         thread::sleep(SETTLE);
         while plugs.len() < want {
@@ -231,6 +267,14 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, sto
                 }
             }
         }
+        own += plugs.len() as u64;
+        let all_answered = answered(&mut plugs, ANSWER_WITHIN);
+        let gained = matches!((before, threads()), (Some(b), Some(a)) if a > b);
+        fast = if (gained || !all_answered) && fast < FAST_ROUNDS {
+            fast + 1
+        } else {
+            0
+        };
         last_ping = Instant::now();
     }
 }
