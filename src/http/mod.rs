@@ -7,6 +7,8 @@ mod runners;
 mod server;
 mod warden;
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 pub use server::{bind, Handler, Incoming, Reply, Server, Stopper, MAX_BODY};
 
 use crate::clock;
@@ -17,12 +19,32 @@ use crate::tokens::{self, Touch};
 /// The comfy-runners API over one database pool.
 pub struct App {
     pool: Pool,
+    /// Held by every write of this process for the length of its write.
+    ///
+    /// SQLite admits one writer at a time; a connection that finds the write
+    /// lock taken sleeps in its busy handler (1 ms, then 2, 5, 10 ms...) and
+    /// tries again, so workers writing at the same moment spent their time
+    /// asleep after the lock had long been free. Queued on this mutex, the
+    /// next writer starts the moment the last one ends. Writers in other
+    /// processes (the CLI) still meet SQLite's lock and its busy timeout.
+    writer: Arc<Mutex<()>>,
 }
 
 impl App {
     pub fn new(pool: Pool) -> App {
-        App { pool }
+        App {
+            pool,
+            writer: Arc::new(Mutex::new(())),
+        }
     }
+}
+
+/// Takes the writer lock. Nothing it guards can be left half done (SQLite
+/// rolls back), so a panic while it was held does not matter.
+fn write_lock(writer: &Mutex<()>) -> MutexGuard<'_, ()> {
+    writer
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Handler for App {
@@ -113,6 +135,7 @@ impl App {
                 } else {
                     None
                 };
+                let _writing = (!reading).then(|| write_lock(&self.writer));
                 let handled = body
                     .transpose()
                     .and_then(|b| handle(&mut conn, authed, action, &query, b, now));
@@ -137,18 +160,19 @@ impl App {
             Touch::Now => {
                 // A token's first use (even one answered 404) is on record
                 // before its answer is.
+                let _writing = write_lock(&self.writer);
                 if let Err(e) = tokens::touch(&conn, authed.token, now) {
                     eprintln!("comfy-runners: recording a token's first use: {e}");
                 }
             }
             Touch::Later => {
-                let pool = self.pool.clone();
+                let (pool, writer) = (self.pool.clone(), self.writer.clone());
                 let token = authed.token;
                 reply.after = Some(Box::new(move || {
-                    let done = pool
-                        .get()
-                        .map_err(Error::from)
-                        .and_then(|c| tokens::touch(&c, token, now));
+                    let done = pool.get().map_err(Error::from).and_then(|c| {
+                        let _writing = write_lock(&writer);
+                        tokens::touch(&c, token, now)
+                    });
                     if let Err(e) = done {
                         eprintln!("comfy-runners: recording a token's use: {e}");
                     }
