@@ -3,7 +3,8 @@
 //! forward. Domain SQL lives with the domain (`runners`, `tokens`).
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::config::DbConfig;
@@ -55,6 +56,82 @@ const MIGRATIONS: &[&str] = &[
 /// How long a statement waits for another writer (the CLI, another worker)
 /// before giving up with SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One writer at a time within this process, taking turns without sleeping.
+///
+/// SQLite admits one writer at a time; a connection that finds the write
+/// lock taken sleeps in its busy handler (1 ms, then 2, 5, 10 ms...) and
+/// tries again, so the server's workers, writing at the same moment, spent
+/// their time asleep long after the lock was free. Waiting here instead, the
+/// next writer starts the moment the last one ends. Writers in other
+/// processes (the CLI) still meet SQLite's lock and its busy handler.
+pub struct Writer {
+    busy: Mutex<bool>,
+    freed: Condvar,
+    /// How long a write may wait in all: `BUSY_TIMEOUT`.
+    within: Duration,
+}
+
+impl Default for Writer {
+    fn default() -> Writer {
+        Writer::within(BUSY_TIMEOUT)
+    }
+}
+
+impl Writer {
+    fn within(within: Duration) -> Writer {
+        Writer {
+            busy: Mutex::new(false),
+            freed: Condvar::new(),
+            within,
+        }
+    }
+
+    /// Runs `f`, which writes through `conn`, as this process's one writer.
+    /// Waiting for the other writers of the process and then for a writer in
+    /// another process takes `BUSY_TIMEOUT` at most in all; beyond it the
+    /// write is not attempted (503).
+    pub fn write<T>(
+        &self,
+        conn: &mut Connection,
+        f: impl FnOnce(&mut Connection) -> Result<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + self.within;
+        // Nothing panics while `busy` is locked; a poisoned lock is still sound.
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        while *busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Unavailable(format!(
+                    "other writes held the database for {:?}",
+                    self.within
+                )));
+            }
+            busy = self
+                .freed
+                .wait_timeout(busy, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *busy = true;
+        drop(busy);
+        let _turn = Turn(self);
+        conn.busy_timeout(deadline.saturating_duration_since(Instant::now()))?;
+        let written = f(conn);
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        written
+    }
+}
+
+/// Ends a turn of `Writer::write`, however `f` ended (a panic included).
+struct Turn<'a>(&'a Writer);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.busy.lock().unwrap_or_else(PoisonError::into_inner) = false;
+        self.0.freed.notify_one();
+    }
+}
 
 /// Per-connection page cache. Small on purpose: the OS page cache holds the
 /// file anyway, and this is per pooled connection, so it bounds the server's
@@ -202,6 +279,85 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "delete", "a refused file is not even switched to WAL");
+    }
+
+    #[test]
+    fn writers_take_turns_and_give_up_together() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        drop(open(&path).unwrap());
+        let writer = Arc::new(Writer::within(Duration::from_millis(500)));
+        let inside = Arc::new(AtomicBool::new(false));
+        let busy_timeout = |c: &Connection| -> i64 {
+            c.query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+                .unwrap()
+        };
+
+        // One at a time, and each gets the whole time.
+        let turns: Vec<_> = (0..4)
+            .map(|i| {
+                let (writer, inside, path) = (writer.clone(), inside.clone(), path.clone());
+                std::thread::spawn(move || {
+                    let mut conn = open(&path).unwrap();
+                    for j in 0..5 {
+                        writer
+                            .write(&mut conn, |c| {
+                                assert!(
+                                    !inside.swap(true, Ordering::SeqCst),
+                                    "two writers at once"
+                                );
+                                c.execute("CREATE TABLE IF NOT EXISTS t (x)", [])?;
+                                c.execute("INSERT INTO t VALUES (?1)", [i * 10 + j])?;
+                                std::thread::sleep(Duration::from_millis(2));
+                                inside.store(false, Ordering::SeqCst);
+                                Ok(())
+                            })
+                            .unwrap();
+                    }
+                    assert_eq!(busy_timeout(&conn), BUSY_TIMEOUT.as_millis() as i64);
+                })
+            })
+            .collect();
+        for t in turns {
+            t.join().unwrap();
+        }
+
+        // A panic ends its turn.
+        let mut conn = open(&path).unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = writer.write(&mut conn, |_| -> Result<()> { panic!("in a write") });
+        }));
+        assert!(panicked.is_err());
+        writer.write(&mut conn, |_| Ok(())).unwrap();
+
+        // Another process holds the write lock: the one writing gives up when
+        // its time is up, and the one waiting for its turn at the same time
+        // rather than a whole timeout later.
+        let other = open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let start = Instant::now();
+        let waits: Vec<_> = (0..2)
+            .map(|_| {
+                let (writer, path) = (writer.clone(), path.clone());
+                std::thread::spawn(move || {
+                    let mut conn = open(&path).unwrap();
+                    let r = writer.write(&mut conn, |c| {
+                        c.execute("INSERT INTO t VALUES (0)", [])?;
+                        Ok(())
+                    });
+                    (r, start.elapsed())
+                })
+            })
+            .collect();
+        for w in waits {
+            let (r, waited) = w.join().unwrap();
+            assert!(matches!(r, Err(Error::Unavailable(_))), "{r:?}");
+            assert!(waited < Duration::from_millis(900), "waited {waited:?}");
+        }
+        other.execute_batch("ROLLBACK").unwrap();
     }
 
     #[test]

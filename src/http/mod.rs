@@ -7,44 +7,29 @@ mod runners;
 mod server;
 mod warden;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 pub use server::{bind, Handler, Incoming, Reply, Server, Stopper, MAX_BODY};
 
 use crate::clock;
-use crate::db::Pool;
+use crate::db::{Pool, Writer};
 use crate::error::{Error, Result};
 use crate::tokens::{self, Touch};
 
 /// The comfy-runners API over one database pool.
 pub struct App {
     pool: Pool,
-    /// Held by every write of this process for the length of its write.
-    ///
-    /// SQLite admits one writer at a time; a connection that finds the write
-    /// lock taken sleeps in its busy handler (1 ms, then 2, 5, 10 ms...) and
-    /// tries again, so workers writing at the same moment spent their time
-    /// asleep after the lock had long been free. Queued on this mutex, the
-    /// next writer starts the moment the last one ends. Writers in other
-    /// processes (the CLI) still meet SQLite's lock and its busy timeout.
-    writer: Arc<Mutex<()>>,
+    /// Every write of the server takes its turn here (see `Writer`).
+    writer: Arc<Writer>,
 }
 
 impl App {
     pub fn new(pool: Pool) -> App {
         App {
             pool,
-            writer: Arc::new(Mutex::new(())),
+            writer: Arc::new(Writer::default()),
         }
     }
-}
-
-/// Takes the writer lock. Nothing it guards can be left half done (SQLite
-/// rolls back), so a panic while it was held does not matter.
-fn write_lock(writer: &Mutex<()>) -> MutexGuard<'_, ()> {
-    writer
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Handler for App {
@@ -135,10 +120,14 @@ impl App {
                 } else {
                     None
                 };
-                let _writing = (!reading).then(|| write_lock(&self.writer));
-                let handled = body
-                    .transpose()
-                    .and_then(|b| handle(&mut conn, authed, action, &query, b, now));
+                let handled = body.transpose().and_then(|b| {
+                    if reading {
+                        handle(&mut conn, authed, action, &query, b, now)
+                    } else {
+                        self.writer
+                            .write(&mut conn, |c| handle(c, authed, action, &query, b, now))
+                    }
+                });
                 Some(handled.unwrap_or_else(|e| Reply::error(&e)))
             }
         };
@@ -160,8 +149,11 @@ impl App {
             Touch::Now => {
                 // A token's first use (even one answered 404) is on record
                 // before its answer is.
-                let _writing = write_lock(&self.writer);
-                if let Err(e) = tokens::touch(&conn, authed.token, now) {
+                let token = authed.token;
+                if let Err(e) = self
+                    .writer
+                    .write(&mut conn, |c| tokens::touch(c, token, now))
+                {
                     eprintln!("comfy-runners: recording a token's first use: {e}");
                 }
             }
@@ -169,10 +161,10 @@ impl App {
                 let (pool, writer) = (self.pool.clone(), self.writer.clone());
                 let token = authed.token;
                 reply.after = Some(Box::new(move || {
-                    let done = pool.get().map_err(Error::from).and_then(|c| {
-                        let _writing = write_lock(&writer);
-                        tokens::touch(&c, token, now)
-                    });
+                    let done = pool
+                        .get()
+                        .map_err(Error::from)
+                        .and_then(|mut c| writer.write(&mut c, |c| tokens::touch(c, token, now)));
                     if let Err(e) = done {
                         eprintln!("comfy-runners: recording a token's use: {e}");
                     }

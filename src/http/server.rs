@@ -392,7 +392,9 @@ fn slow_lane(shared: &Arc<Shared>, rq: tiny_http::Request) {
 }
 
 fn serve(shared: &Shared, mut rq: tiny_http::Request) {
-    shared.served.fetch_add(1, Ordering::Relaxed);
+    if rq.url() != super::warden::PLUG_PATH {
+        shared.served.fetch_add(1, Ordering::Relaxed);
+    }
     let mut incoming = Incoming {
         rq: &mut rq,
         body_done: false,

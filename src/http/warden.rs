@@ -54,8 +54,9 @@ const MAX_PLUGS: usize = 16;
 const BUSY_TICK: Duration = Duration::from_millis(20);
 /// Rotations in a row while a backlog lasts, at most, before the next tick.
 const FAST_ROUNDS: u32 = 32;
-/// How long replacement plugs may take to be answered; a plug answered later
-/// is queued, which means a backlog too.
+/// How long the warden waits for its replacement plugs' answers (so that the
+/// pool has started whatever threads it starts for them before they are
+/// counted, and so that a plug is closed with nothing left to read).
 const ANSWER_WITHIN: Duration = Duration::from_millis(5);
 /// "Flowing": a request other than a plug's was served this recently.
 const BUSY_FOR: Duration = Duration::from_secs(2);
@@ -65,6 +66,9 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 /// A freed pool thread takes well under this to get back to the queue.
 const SETTLE: Duration = Duration::from_millis(1);
 
+/// The path of the plugs' requests; the server leaves them out of its count
+/// of requests served, which is how the warden tells that clients are busy.
+pub const PLUG_PATH: &str = "/.warden";
 const PLUG_REQUEST: &[u8] = b"GET /.warden HTTP/1.1\r\nHost: warden\r\n\r\n";
 
 pub struct Warden {
@@ -75,7 +79,7 @@ pub struct Warden {
 impl Warden {
     /// Plugs the pool of the server at `addr`, whose tiny_http server was
     /// created when the process had `threads_before` threads; returns once the
-    /// plugs are in. `served` counts the server's requests.
+    /// plugs are in. `served` counts the server's requests, not the plugs'.
     /// Setting `stop` (the server does, when it stops) ends the rotation.
     pub fn start(
         addr: SocketAddr,
@@ -221,8 +225,6 @@ fn response_complete(got: &[u8]) -> bool {
 fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, stop: &AtomicBool) {
     let want = plugs.len();
     let mut seen = served.load(Ordering::Relaxed);
-    // Requests of our own plugs since `seen` was read.
-    let mut own = 0u64;
     let mut last_busy = Instant::now() - BUSY_FOR;
     let mut last_ping = Instant::now();
     // Rotations in a row so far because of a backlog.
@@ -235,14 +237,13 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, sto
             break;
         }
         let now_served = served.load(Ordering::Relaxed);
-        if now_served > seen + own {
+        if now_served != seen {
             last_busy = Instant::now();
+            seen = now_served;
         }
-        (seen, own) = (now_served, 0);
         if fast == 0 && last_busy.elapsed() >= BUSY_FOR {
             // Quiet: rotating would only free threads. Keep the plugs alive.
             if last_ping.elapsed() >= PING_EVERY {
-                own += plugs.len() as u64;
                 plugs.retain_mut(ping);
                 last_ping = Instant::now();
             }
@@ -252,9 +253,9 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, sto
         }
         // Close them all, so that each freed thread can take a queued
         // connection, then let the freed threads settle and plug them again.
-        let before = threads();
         plugs.clear();
         thread::sleep(SETTLE);
+        let before = threads();
         while plugs.len() < want {
             match plug(target, false) {
                 Ok(p) => plugs.push(p),
@@ -267,14 +268,36 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, sto
                 }
             }
         }
-        own += plugs.len() as u64;
-        let all_answered = answered(&mut plugs, ANSWER_WITHIN);
-        let gained = matches!((before, threads()), (Some(b), Some(a)) if a > b);
-        fast = if (gained || !all_answered) && fast < FAST_ROUNDS {
+        answered(&mut plugs, ANSWER_WITHIN);
+        // A new thread for every replacement: every freed thread went to a
+        // queued connection, and more may be queued. (Fewer new threads mean
+        // that the queue ran out, or a client connected meanwhile.)
+        let backlog = match (before, threads()) {
+            (Some(b), Some(a)) => a >= b + plugs.len() && !plugs.is_empty(),
+            _ => false,
+        };
+        fast = if backlog && fast < FAST_ROUNDS {
             fast + 1
         } else {
             0
         };
         last_ping = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plug_request_asks_for_the_plug_path() {
+        let head = String::from_utf8_lossy(PLUG_REQUEST);
+        assert!(head.starts_with(&format!("GET {PLUG_PATH} HTTP/1.1\r\n")));
+        assert!(response_complete(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"
+        ));
+        assert!(!response_complete(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\n{}"
+        ));
     }
 }
