@@ -16,14 +16,14 @@
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-use super::warden::Warden;
+use super::warden::{Traffic, Warden};
 use crate::error::Error;
 
 /// The largest request body read; a larger one is a 413.
@@ -195,7 +195,7 @@ struct Shared {
     stopped_at: Mutex<Option<Instant>>,
     /// Set when tiny_http's accept loop died (it does not restart).
     failed: AtomicBool,
-    served: Arc<AtomicU64>,
+    traffic: Arc<Traffic>,
     /// Tells the warden to stop replacing its connections.
     warden_stop: Arc<AtomicBool>,
     /// Requests being served on upload threads.
@@ -273,7 +273,7 @@ impl Server {
         let threads_before = super::warden::threads();
         let http = tiny_http::Server::from_listener(listener, None)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let served = Arc::new(AtomicU64::new(0));
+        let traffic = Arc::new(Traffic::default());
         let shared = Arc::new(Shared {
             http,
             listener: handle,
@@ -281,7 +281,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             stopped_at: Mutex::new(None),
             failed: AtomicBool::new(false),
-            served: served.clone(),
+            traffic: traffic.clone(),
             warden_stop: Arc::new(AtomicBool::new(false)),
             in_flight: AtomicUsize::new(0),
             port: addr.port(),
@@ -298,7 +298,7 @@ impl Server {
         let warden = Warden::start(
             addr,
             threads_before.map(|n| n + workers.len()),
-            served,
+            traffic,
             shared.warden_stop.clone(),
         )?;
         Ok(Server {
@@ -393,7 +393,7 @@ fn slow_lane(shared: &Arc<Shared>, rq: tiny_http::Request) {
 
 fn serve(shared: &Shared, mut rq: tiny_http::Request) {
     if rq.url() != super::warden::PLUG_PATH {
-        shared.served.fetch_add(1, Ordering::Relaxed);
+        shared.traffic.served();
     }
     let mut incoming = Incoming {
         rq: &mut rq,

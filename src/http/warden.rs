@@ -29,21 +29,27 @@
 //!   goes idle and is at once taken again by a replacement plug, so rotating
 //!   costs little in the healthy state. When something was queued, the freed
 //!   threads went to it, so the replacements find no idle thread and the pool
-//!   starts new threads for them: the process gains threads. That is the sign
-//!   of a backlog, and the warden rotates again at once, draining the queue a
-//!   few connections per round in milliseconds rather than per tick.
+//!   starts a new thread for each: the process gains as many threads as it
+//!   opened plugs. That is the sign that more may be queued, and the warden
+//!   rotates again at once, draining the queue a few connections per round in
+//!   milliseconds rather than per tick.
 //! - Once requests stop, rotation stops too (it would only free threads), and
 //!   each plug sends a request now and then so that the server's idle timeout
 //!   never closes it. Threads freed by departed clients expire after 5 s, so a
-//!   server that has gone quiet is again as a fresh one.
+//!   server that has gone quiet is again as a fresh one, but for the last
+//!   client's thread: the first request after a quiet spell wakes the warden
+//!   at once, and for a short while it rotates every `EAGER_TICK`, since a
+//!   burst then is likely, and likely to be queued behind that thread.
 //!
-//! The plugs send `GET /.warden`, answered 404 without touching the database.
+//! The plugs send `GET /.warden`, answered 404 without touching the database,
+//! and left out of the server's count of requests (`Traffic`), so that the
+//! warden's own requests never look like clients.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, OnceLock};
+use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 /// tiny_http starts this many pool threads, plus its accept thread.
@@ -58,6 +64,11 @@ const FAST_ROUNDS: u32 = 32;
 /// pool has started whatever threads it starts for them before they are
 /// counted, and so that a plug is closed with nothing left to read).
 const ANSWER_WITHIN: Duration = Duration::from_millis(5);
+/// After a quiet spell, rotations come this often for `EAGER_FOR`.
+const EAGER_TICK: Duration = Duration::from_millis(5);
+const EAGER_FOR: Duration = Duration::from_millis(50);
+/// While quiet, how often the warden looks at its plugs (requests wake it).
+const QUIET_TICK: Duration = Duration::from_secs(1);
 /// "Flowing": a request other than a plug's was served this recently.
 const BUSY_FOR: Duration = Duration::from_secs(2);
 /// While quiet, how often each plug sends a request, well within the
@@ -71,6 +82,32 @@ const SETTLE: Duration = Duration::from_millis(1);
 pub const PLUG_PATH: &str = "/.warden";
 const PLUG_REQUEST: &[u8] = b"GET /.warden HTTP/1.1\r\nHost: warden\r\n\r\n";
 
+/// What the server tells the warden: how many requests it has served (the
+/// plugs' not counted), and, for the first request after a quiet spell, a
+/// wake-up call.
+#[derive(Default)]
+pub struct Traffic {
+    served: AtomicU64,
+    /// Set by the warden when it goes quiet; the request that clears it
+    /// wakes the warden.
+    quiet: AtomicBool,
+    warden: OnceLock<Thread>,
+}
+
+impl Traffic {
+    /// Counts a request (other than a plug's) as it is served.
+    pub fn served(&self) {
+        // SeqCst pairs with the warden's store of `quiet` and then load of
+        // `served`: either it sees this request, or this sees it quiet.
+        self.served.fetch_add(1, Ordering::SeqCst);
+        if self.quiet.load(Ordering::SeqCst) && self.quiet.swap(false, Ordering::SeqCst) {
+            if let Some(t) = self.warden.get() {
+                t.unpark();
+            }
+        }
+    }
+}
+
 pub struct Warden {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -79,12 +116,12 @@ pub struct Warden {
 impl Warden {
     /// Plugs the pool of the server at `addr`, whose tiny_http server was
     /// created when the process had `threads_before` threads; returns once the
-    /// plugs are in. `served` counts the server's requests, not the plugs'.
+    /// plugs are in. `traffic` is kept by the server.
     /// Setting `stop` (the server does, when it stops) ends the rotation.
     pub fn start(
         addr: SocketAddr,
         threads_before: Option<usize>,
-        served: Arc<AtomicU64>,
+        traffic: Arc<Traffic>,
         stop: Arc<AtomicBool>,
     ) -> io::Result<Warden> {
         let target = loopback(addr);
@@ -113,7 +150,10 @@ impl Warden {
         let stopping = stop.clone();
         let thread = thread::Builder::new()
             .name("warden".into())
-            .spawn(move || rotate(target, plugs, &served, &stopping))?;
+            .spawn(move || {
+                let _ = traffic.warden.set(thread::current());
+                rotate(target, plugs, &traffic, &stopping)
+            })?;
         Ok(Warden {
             stop,
             thread: Some(thread),
@@ -222,26 +262,57 @@ fn response_complete(got: &[u8]) -> bool {
     got.len() >= head_end + 4 + length
 }
 
-fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, served: &AtomicU64, stop: &AtomicBool) {
+fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, traffic: &Traffic, stop: &AtomicBool) {
     let want = plugs.len();
-    let mut seen = served.load(Ordering::Relaxed);
+    // Quiet from the start: the first request wakes us.
+    traffic.quiet.store(true, Ordering::SeqCst);
+    // Whether `traffic.quiet` was set by us since the last request seen.
+    let mut asked = true;
+    let mut seen = traffic.served.load(Ordering::SeqCst);
     let mut last_busy = Instant::now() - BUSY_FOR;
+    let mut eager_until = Instant::now();
     let mut last_ping = Instant::now();
     // Rotations in a row so far because of a backlog.
     let mut fast = 0u32;
+    // Look again at once, without waiting for a tick.
+    let mut again = false;
     while !stop.load(Ordering::SeqCst) {
-        if fast == 0 {
-            thread::park_timeout(BUSY_TICK);
+        if fast == 0 && !std::mem::take(&mut again) {
+            let now = Instant::now();
+            thread::park_timeout(match () {
+                _ if now < eager_until => EAGER_TICK,
+                _ if last_busy.elapsed() < BUSY_FOR => BUSY_TICK,
+                _ => QUIET_TICK,
+            });
         }
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let now_served = served.load(Ordering::Relaxed);
-        if now_served != seen {
+        let now_served = traffic.served.load(Ordering::SeqCst);
+        // A request cleared the flag we set (and woke us), or was counted.
+        let rung = asked && !traffic.quiet.load(Ordering::SeqCst);
+        if now_served != seen || rung {
+            if last_busy.elapsed() >= BUSY_FOR {
+                eager_until = Instant::now() + EAGER_FOR;
+            }
             last_busy = Instant::now();
             seen = now_served;
+            if asked {
+                traffic.quiet.store(false, Ordering::SeqCst);
+                asked = false;
+            }
         }
         if fast == 0 && last_busy.elapsed() >= BUSY_FOR {
+            if !asked {
+                // From now on the next request wakes us. One that came since
+                // `served` was read may not have: look again now.
+                traffic.quiet.store(true, Ordering::SeqCst);
+                asked = true;
+                if traffic.served.load(Ordering::SeqCst) != seen {
+                    again = true;
+                    continue;
+                }
+            }
             // Quiet: rotating would only free threads. Keep the plugs alive.
             if last_ping.elapsed() >= PING_EVERY {
                 plugs.retain_mut(ping);
