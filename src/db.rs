@@ -118,7 +118,9 @@ impl Writer {
         let _turn = Turn(self);
         conn.busy_timeout(deadline.saturating_duration_since(Instant::now()))?;
         let written = f(conn);
-        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // What was written stands whatever this says (it cannot fail: SQLite
+        // only records the number).
+        let _ = conn.busy_timeout(BUSY_TIMEOUT);
         written
     }
 }

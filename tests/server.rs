@@ -255,6 +255,23 @@ fn bursts_right_after_other_connections_closed_are_served_too() {
 }
 
 #[test]
+fn an_idle_server_still_accepts_after_the_idle_timeout() {
+    // The 60 s idle timeout is set on the listening socket, where it also
+    // bounds each wait of tiny_http's accept, and an accept that times out
+    // would end tiny_http's accept loop for good.
+    let s = Server::start();
+    assert_eq!(s.get("/v1/runner").status, 200);
+    thread::sleep(Duration::from_secs(65));
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(&http_request("GET", "/v1/runner", &s.token, b""))
+        .unwrap();
+    assert_eq!(read_response(&mut c).unwrap().0, 200);
+    assert!(!s.stderr().contains("cannot accept"), "{}", s.stderr());
+    assert!(s.stop().success());
+}
+
+#[test]
 fn large_responses_on_keep_alive_connections_are_not_delayed() {
     let s = Server::start();
     for i in 0..10 {

@@ -31,6 +31,9 @@ pub const MAX_BODY: usize = 1 << 20;
 
 /// A connection that sends nothing for this long is closed (it also bounds
 /// how long a slow client can hold a thread in the middle of a request).
+/// Set on the listening socket, it bounds tiny_http's accept too, whose loop
+/// ends for good when an accept times out: the warden connects well within
+/// it, however quiet the server.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often an idle worker looks up from the queue.

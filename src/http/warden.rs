@@ -33,13 +33,15 @@
 //!   opened plugs. That is the sign that more may be queued, and the warden
 //!   rotates again at once, draining the queue a few connections per round in
 //!   milliseconds rather than per tick.
-//! - Once requests stop, rotation stops too (it would only free threads), and
-//!   each plug sends a request now and then so that the server's idle timeout
-//!   never closes it. Threads freed by departed clients expire after 5 s, so a
-//!   server that has gone quiet is again as a fresh one, but for the last
-//!   client's thread: the first request after a quiet spell wakes the warden
-//!   at once, and for a short while it rotates every `EAGER_TICK`, since a
-//!   burst then is likely, and likely to be queued behind that thread.
+//! - Once requests stop, rotation stops too (it would only free threads),
+//!   but for one every `RENEW_EVERY`: new connections must keep coming, for
+//!   the idle timeout also bounds tiny_http's accept (see there), and so the
+//!   server's idle timeout never closes a plug. Threads freed by departed
+//!   clients expire after 5 s, so a server that has gone quiet is again as a
+//!   fresh one, but for the last client's thread: the first request after a
+//!   quiet spell wakes the warden at once, and for a short while it rotates
+//!   every `EAGER_TICK`, since a burst then is likely, and likely to be
+//!   queued behind that thread.
 //!
 //! The plugs send `GET /.warden`, answered 404 without touching the database,
 //! and left out of the server's count of requests (`Traffic`), so that the
@@ -71,9 +73,13 @@ const EAGER_FOR: Duration = Duration::from_millis(50);
 const QUIET_TICK: Duration = Duration::from_secs(1);
 /// "Flowing": a request other than a plug's was served this recently.
 const BUSY_FOR: Duration = Duration::from_secs(2);
-/// While quiet, how often each plug sends a request, well within the
-/// server's idle timeout so that the server never closes a plug itself.
-const PING_EVERY: Duration = Duration::from_secs(20);
+/// While quiet, how often the plugs are replaced all the same. The idle
+/// timeout is set on the listening socket (so that every connection inherits
+/// it), and there it also bounds how long tiny_http's accept waits: an accept
+/// that times out ends tiny_http's accept loop for good, so a new connection
+/// must come well within it, and so that the server's idle timeout never
+/// closes a plug either.
+const RENEW_EVERY: Duration = Duration::from_secs(20);
 /// A freed pool thread takes well under this to get back to the queue.
 const SETTLE: Duration = Duration::from_millis(1);
 
@@ -237,18 +243,6 @@ fn answered(plugs: &mut [TcpStream], within: Duration) -> bool {
     })
 }
 
-/// Sends another request on an idle plug, so that the server's idle timeout
-/// never closes it (which would free its thread), and reads away what the
-/// plug has been answered so far.
-fn ping(s: &mut TcpStream) -> bool {
-    let mut got = Vec::new();
-    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
-    s.write_all(PLUG_REQUEST).is_ok() && {
-        while read_some(s, &mut got) {}
-        true
-    }
-}
-
 fn response_complete(got: &[u8]) -> bool {
     let Some(head_end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
         return false;
@@ -271,7 +265,7 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, traffic: &Traffic, stop
     let mut seen = traffic.served.load(Ordering::SeqCst);
     let mut last_busy = Instant::now() - BUSY_FOR;
     let mut eager_until = Instant::now();
-    let mut last_ping = Instant::now();
+    let mut last_renewed = Instant::now();
     // Rotations in a row so far because of a backlog.
     let mut fast = 0u32;
     // Look again at once, without waiting for a tick.
@@ -313,12 +307,8 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, traffic: &Traffic, stop
                     continue;
                 }
             }
-            // Quiet: rotating would only free threads. Keep the plugs alive.
-            if last_ping.elapsed() >= PING_EVERY {
-                plugs.retain_mut(ping);
-                last_ping = Instant::now();
-            }
-            if plugs.len() == want {
+            // Quiet: rotating would only free threads; but see RENEW_EVERY.
+            if plugs.len() == want && last_renewed.elapsed() < RENEW_EVERY {
                 continue;
             }
         }
@@ -352,7 +342,7 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, traffic: &Traffic, stop
         } else {
             0
         };
-        last_ping = Instant::now();
+        last_renewed = Instant::now();
     }
 }
 
