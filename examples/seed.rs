@@ -18,6 +18,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use comfy_runners::clock;
 use serde::Serialize;
 
 /// 2025-06-01T00:00:00Z: the newest runner's time. Fixed, so that the output
@@ -96,23 +97,6 @@ struct Runner<'a> {
     updated_at: &'a str,
 }
 
-/// `2024-01-15T10:30:00Z` for seconds since the epoch (years 1970-9999), by
-/// the days-to-civil algorithm of H. Hinnant.
-fn rfc3339(ts: i64) -> String {
-    let (days, secs) = (ts.div_euclid(86_400), ts.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, s) = (secs / 3_600, secs / 60 % 60, secs % 60);
-    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
-}
-
 /// Writes `count` runners to `path` as `{"runners":[...],"total":N}`.
 fn write_file(path: &Path, count: u64, rng: &mut Rng) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
@@ -150,7 +134,7 @@ fn write_file(path: &Path, count: u64, rng: &mut Rng) -> io::Result<()> {
         if n_headers >= 2 {
             headers.insert("X-Comfy-Client", format!("bench-{}", rng.below(1_000)));
         }
-        let (created_at, updated_at) = (rfc3339(created), rfc3339(updated));
+        let (created_at, updated_at) = (clock::format(created), clock::format(updated));
         let runner = Runner {
             id,
             name: format!("{} {:06}", rng.pick(NAMES), rng.below(1_000_000)),

@@ -197,7 +197,7 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
 /// answered once before the next is opened, so that each is known to hold its
 /// own thread; a plug whose answer does not come is kept all the same (it is
 /// queued, and will hold the thread that eventually takes it). Replacements
-/// are opened together and then waited for briefly (`answered`).
+/// are opened together and then waited for briefly (`read_answers`).
 fn plug(target: SocketAddr, confirm: bool) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
     s.set_nodelay(true)?;
@@ -224,23 +224,20 @@ fn read_some(s: &mut TcpStream, got: &mut Vec<u8>) -> bool {
     }
 }
 
-/// Whether every plug has been answered within `within` (reading the answers
-/// away, so that closing a plug later is an orderly close).
-fn answered(plugs: &mut [TcpStream], within: Duration) -> bool {
+/// Reads each plug's answer, giving them all `within` in all (so that
+/// closing a plug later is an orderly close); a late one is left unread.
+fn read_answers(plugs: &mut [TcpStream], within: Duration) {
     let deadline = Instant::now() + within;
-    plugs.iter_mut().all(|s| {
+    for s in plugs {
         let mut got = Vec::new();
-        loop {
-            if response_complete(&got) {
-                return true;
-            }
+        while !response_complete(&got) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || s.set_read_timeout(Some(left)).is_err() || !read_some(s, &mut got)
             {
-                return false;
+                return;
             }
         }
-    })
+    }
 }
 
 fn response_complete(got: &[u8]) -> bool {
@@ -329,7 +326,7 @@ fn rotate(target: SocketAddr, mut plugs: Vec<TcpStream>, traffic: &Traffic, stop
                 }
             }
         }
-        answered(&mut plugs, ANSWER_WITHIN);
+        read_answers(&mut plugs, ANSWER_WITHIN);
         // A new thread for every replacement: every freed thread went to a
         // queued connection, and more may be queued. (Fewer new threads mean
         // that the queue ran out, or a client connected meanwhile.)
